@@ -1,0 +1,103 @@
+"""Safetensors + JSON manifest files: the only checkpoint format the project reads or writes.
+
+A component lives in a directory as `<name>.safetensors` (tensors) beside `<name>.json`
+(manifest: format tag, version, shapes and provenance). Nothing is ever unpickled.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not match what reads it."""
+
+
+def save_component(directory: str | Path, name: str, tensors: dict[str, torch.Tensor],
+                   manifest: dict) -> Path:
+    """Write `<name>.safetensors` and `<name>.json` into `directory`; return the weights path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / f'{name}.safetensors'
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(weights))
+    manifest = dict(manifest, weights_sha256=file_sha256(weights))
+    (directory / f'{name}.json').write_text(json.dumps(manifest, indent=2, sort_keys=True) + '\n')
+    return weights
+
+
+def load_manifest(path: str | Path, expected_format: str) -> dict:
+    """Read a JSON manifest and check its `format` tag."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'{path}: manifest not found')
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f'{path}: manifest is not valid JSON ({exc})') from exc
+    if not isinstance(manifest, dict) or manifest.get('format') != expected_format:
+        found = manifest.get('format') if isinstance(manifest, dict) else type(manifest).__name__
+        raise CheckpointError(f'{path}: expected format {expected_format!r}, found {found!r}')
+    return manifest
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file on CPU, refusing anything else with a clear message."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'{path}: weights file not found')
+    if path.suffix != '.safetensors':
+        raise CheckpointError(f'{path}: not a .safetensors file (pickled checkpoints are '
+                              'never loaded)')
+    try:
+        return load_file(str(path), device='cpu')
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f'{path}: not a readable safetensors file ({exc})') from exc
+
+
+def non_finite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors that hold NaN or Inf."""
+    return sorted(k for k, v in tensors.items()
+                  if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+
+
+def check_state_dict(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                     where: str) -> None:
+    """Raise CheckpointError naming every missing, unexpected, mis-shaped or non-finite key."""
+    problems = []
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        problems.append(f'missing keys {missing}')
+    if unexpected:
+        problems.append(f'unexpected keys {unexpected}')
+    for key in sorted(set(expected) & set(tensors)):
+        if tuple(tensors[key].shape) != tuple(expected[key].shape):
+            problems.append(f'{key}: shape {list(tensors[key].shape)}, expected '
+                            f'{list(expected[key].shape)}')
+    bad = non_finite_keys({k: v for k, v in tensors.items() if k in expected})
+    if bad:
+        problems.append(f'non-finite values in {bad}')
+    if problems:
+        raise CheckpointError(f'{where}: ' + '; '.join(problems))
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as stream:
+        for block in iter(lambda: stream.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """Hash of tensor names, dtypes, shapes and bytes, independent of file layout."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        value = tensors[key].detach().cpu().contiguous()
+        digest.update(f'{key}:{value.dtype}:{list(value.shape)}'.encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,50 @@
+"""The `rsd` command line: one subcommand per job, each in the module that does the job.
+
+Each command module exposes `add_arguments(parser)` and `run(args) -> int`. Modules are imported
+only when their command runs, so `rsd inspect` never pays for LIBERO or rclpy, and importing
+`rsd_core` never imports either.
+"""
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    'build-default': ('rsd_core.bundle', 'build the built-in default model bundle'),
+    'inspect': ('rsd_core.inspect_checkpoint', 'inspect a bundle, draft or tokenizer checkpoint'),
+    'bench': ('rsd_core.bench', 'main-only vs speculative decoding on the same inputs'),
+    'train-tokenizer': ('rsd_core.train_tokenizer', 'train the RFSQ action tokenizer'),
+    'train-draft': ('rsd_core.distill', 'distil the draft model from a main model'),
+    'train-policy': ('rsd_core.train_policy', 'behaviour-clone the main model on demos'),
+    'collect-demos': ('sim_bridge.collect_demos', 'record scripted-expert LIBERO demos'),
+    'eval-libero': ('sim_bridge.evaluate', 'evaluate a policy in LIBERO through ROS topics'),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='rsd', description=__doc__.splitlines()[0])
+    parser.add_argument('-v', '--verbose', action='store_true', help='debug logging')
+    sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    for name, (module_name, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.set_defaults(module_name=module_name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, _ = parser.parse_known_args(argv)
+    module = importlib.import_module(args.module_name)
+    command = argparse.ArgumentParser(prog=f'rsd {args.command}',
+                                      description=COMMANDS[args.command][1])
+    module.add_arguments(command)
+    command_args = command.parse_args(argv[argv.index(args.command) + 1:])
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format='%(levelname)s %(name)s: %(message)s')
+    return int(module.run(command_args) or 0)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,33 @@
+from glob import glob
+
+from setuptools import find_packages, setup
+
+package_name = 'rsd_ros'
+
+setup(
+    name=package_name,
+    version='0.1.0',
+    packages=find_packages(include=['rsd_core', 'rsd_core.*', 'rsd_ros', 'rsd_ros.*',
+                                    'sim_bridge', 'sim_bridge.*']),
+    package_data={'rsd_core': ['data/*']},
+    data_files=[
+        ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
+        ('share/' + package_name, ['package.xml']),
+        ('share/' + package_name + '/launch', glob('launch/*.launch.xml')),
+        ('share/' + package_name + '/config', glob('config/*.yaml')),
+    ],
+    install_requires=['setuptools'],
+    zip_safe=True,
+    maintainer='RSD developers',
+    maintainer_email='rsd@example.org',
+    description='Residual speculative decoding for VLA policies, as a ROS 2 package',
+    license='Apache-2.0',
+    entry_points={
+        'console_scripts': [
+            'rsd = rsd_core.cli:main',
+            'rsd_policy = rsd_ros.policy_node:main',
+            'libero_bridge = sim_bridge.bridge_node:main',
+            'libero_expert = sim_bridge.expert_node:main',
+        ],
+    },
+)

@@ -1,0 +1,1 @@
+"""LIBERO side: the simulator bridge node, the scripted expert and the evaluation command."""
