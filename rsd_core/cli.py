@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     'train-tokenizer': ('rsd_core.train_tokenizer', 'train the RFSQ action tokenizer'),
     'train-draft': ('rsd_core.distill', 'distil the draft model from a main model'),
     'train-policy': ('rsd_core.train_policy', 'behaviour-clone the main model on demos'),
+    'record-observations': ('sim_bridge.record_observations',
+                            'render LIBERO initial observations for draft distillation'),
     'collect-demos': ('sim_bridge.collect_demos', 'record scripted-expert LIBERO demos'),
     'eval-libero': ('sim_bridge.evaluate', 'evaluate a policy in LIBERO through ROS topics'),
 }
