@@ -1,5 +1,5 @@
-"""Test-session environment: a private ROS domain on loopback, headless rendering, and the
-`ros_context` fixture for tests that create rclpy nodes."""
+"""Test-session environment: a private ROS domain on loopback, headless rendering, one torch
+thread per process, and the `ros_context` and `tiny_bundle` fixtures."""
 
 import os
 import random
@@ -10,6 +10,9 @@ os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
 os.environ.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
 os.environ.setdefault('MUJOCO_GL', 'egl')
 os.environ.setdefault('PYOPENGL_PLATFORM', 'egl')
+# The test process and the node processes it starts share 2 cores: one torch thread each
+# avoids the oversubscription that makes a loaded torch 10x slower.
+os.environ.setdefault('OMP_NUM_THREADS', '1')
 
 import pytest  # noqa: E402
 
@@ -23,3 +26,11 @@ def ros_context():
     rclpy.init(context=context)
     yield context
     context.try_shutdown()
+
+
+@pytest.fixture(scope='session')
+def tiny_bundle(tmp_path_factory):
+    """Path of a complete tiny main bundle (no draft), built once per test session."""
+    from rsd_core.bundle import make_test_bundle
+
+    return make_test_bundle(tmp_path_factory.mktemp('tiny_bundle') / 'bundle')
