@@ -1,0 +1,282 @@
+"""`rsd bench`: main-only vs speculative (exact, tolerance) decoding on the same inputs.
+
+Every input runs in the three modes back to back (so machine load hits all three alike) after a
+warm-up. Reported: latency p50/p90 per phase, main passes per chunk, acceptance per layer depth,
+mean accepted layers, speedup_p50 (main-only p50 / speculative p50, same run) and the median
+of per-input latency ratios (robust when machine load drifts during the run), whether exact
+mode gave the same actions as main-only, the largest deviation of tolerance mode from main-only
+(action units), the cost model P + (L-1)d vs P + D + v + (L-2-K)d with the measured times, and
+the achieved weight bandwidth (weight bytes x main passes / time) as gpt-fast reports it.
+"""
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rsd_core.engine import RSDEngine
+from rsd_core.stats import PHASES, StatsAggregator
+
+logger = logging.getLogger(__name__)
+
+MODES = {
+    'main_only': {'use_draft': False},
+    'exact': {'use_draft': True, 'acceptance': 'exact'},
+    'tolerance': {'use_draft': True, 'acceptance': 'tolerance'},
+}
+INSTRUCTIONS = (
+    'pick up the black bowl between the plate and the ramekin and place it on the plate',
+    'pick up the black bowl next to the ramekin and place it on the plate',
+    'pick up the black bowl from table center and place it on the plate',
+    'pick up the black bowl on the cookie box and place it on the plate',
+    'pick up the black bowl in the top drawer of the wooden cabinet and place it on the plate',
+    'pick up the black bowl on the ramekin and place it on the plate',
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--model', default=None,
+                        help='main model bundle directory (default: the default bundle)')
+    parser.add_argument('--draft', default=None,
+                        help="draft directory (default: the bundle's draft/)")
+    parser.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
+    parser.add_argument('--dtype', default='float32',
+                        choices=('float32', 'float64', 'float16', 'bfloat16'))
+    parser.add_argument('-n', '--num-inputs', type=int, default=20,
+                        help='inputs, each decoded in every mode (default 20)')
+    parser.add_argument('--warmup', type=int, default=3, help='warm-up chunks per mode')
+    parser.add_argument('--observations', default=None,
+                        help='observation directory (index.jsonl + images/); default: '
+                             'generated images')
+    parser.add_argument('--tolerance', type=float, default=0.05,
+                        help='tolerance mode bound, action units, every dimension (0.05)')
+    parser.add_argument('--num-proposals', type=int, default=None,
+                        help="draft layers proposed per chunk, 1..draft K (default: draft's K)")
+    parser.add_argument('--seed', type=int, default=0, help='seed of generated inputs')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch CPU threads (default: torch default); on a CPU shared with '
+                             'other work, 1 gives much steadier numbers')
+    parser.add_argument('--json', action='store_true', help='print the results as JSON')
+    parser.add_argument('--plot', default='results/bench_latency.png',
+                        help="latency breakdown chart path ('' = none)")
+
+
+def generated_inputs(n: int, seed: int = 0, size: int = 128) -> list[tuple[np.ndarray, str]]:
+    """n (image [size, size, 3] uint8, instruction) pairs: coloured boxes on a noisy table."""
+    rng = np.random.default_rng(seed)
+    inputs = []
+    for i in range(n):
+        image = (rng.normal(120, 20, (size, size, 3))).clip(0, 255).astype(np.uint8)
+        for _ in range(rng.integers(2, 6)):
+            y, x = rng.integers(0, size - 16, 2)
+            h, w = rng.integers(8, 40, 2)
+            image[y:y + h, x:x + w] = rng.integers(0, 256, 3)
+        inputs.append((image, INSTRUCTIONS[i % len(INSTRUCTIONS)]))
+    return inputs
+
+
+def observation_inputs(directory: str | Path, n: int) -> list[tuple[np.ndarray, str]]:
+    """The first n entries of an observation directory (index.jsonl + images/*.png)."""
+    import imageio.v3 as iio
+
+    directory = Path(directory)
+    index = directory / 'index.jsonl'
+    if not index.is_file():
+        raise FileNotFoundError(f'{index}: not found; expected an observation directory '
+                                '(index.jsonl + images/) as written by rsd record-observations')
+    inputs = []
+    for line in index.read_text().splitlines():
+        if line.strip() and len(inputs) < n:
+            entry = json.loads(line)
+            image = np.asarray(iio.imread(directory / entry['image']))[..., :3]
+            inputs.append((image.astype(np.uint8), entry['instruction']))
+    if not inputs:
+        raise ValueError(f'{index}: no entries')
+    return inputs
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of all parameters (the whole main model: an upper bound on what one step reads,
+    the vision tower only runs in prefill)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def run_modes(engine: RSDEngine, inputs: list[tuple[np.ndarray, str]], warmup: int,
+              ) -> dict[str, tuple[StatsAggregator, np.ndarray]]:
+    """Decode every input in every mode; return per mode (stats, actions [N, T, A])."""
+    for i in range(warmup):
+        for mode in MODES.values():
+            engine.update_config(**mode)
+            engine.predict(*inputs[i % len(inputs)])
+    results = {name: (StatsAggregator(), []) for name in MODES}
+    for image, instruction in inputs:
+        for name, mode in MODES.items():
+            engine.update_config(**mode)
+            actions, stats = engine.predict(image, instruction)
+            results[name][0].add(stats)
+            results[name][1].append(actions)
+    return {name: (agg, np.stack(actions)) for name, (agg, actions) in results.items()}
+
+
+def paired_speedup(reference: StatsAggregator, other: StatsAggregator) -> float:
+    """Median over inputs of reference / other total latency of the same input (robust to
+    load that drifts during the run)."""
+    ratios = [a.total_ms / b.total_ms for a, b in zip(reference.chunks(), other.chunks(),
+                                                       strict=True)]
+    return float(np.median(ratios))
+
+
+def cost_model(summaries: dict[str, dict], num_layers: int, k: int) -> dict:
+    """Measured P, d, D, v (p50, ms) and the latencies they predict."""
+    main, exact = summaries['main_only'], summaries['exact']
+    p = main['latency_ms']['prefill']['p50']
+    d = main['latency_ms']['step']['p50'] / (num_layers - 1)
+    draft = exact['latency_ms']['draft']['p50']
+    v = exact['latency_ms']['verify']['p50']
+    accepted = exact['mean_accepted_layers']
+    return {
+        'prefill_P_ms': p, 'step_d_ms': d, 'draft_D_ms': draft, 'verify_v_ms': v,
+        'verify_over_step': v / d if d else None,
+        'main_only_ms': p + (num_layers - 1) * d,
+        'speculative_all_accepted_ms': p + draft + v + (num_layers - 2 - k) * d,
+        'speculative_measured_acceptance_ms': p + draft + v + (num_layers - 2 - accepted) * d,
+        'speculative_all_accepted_v_eq_d_ms': p + draft + d + (num_layers - 2 - k) * d,
+    }
+
+
+def bench(args: argparse.Namespace) -> dict:
+    if args.num_inputs < 1 or args.warmup < 0:
+        raise ValueError('--num-inputs must be >= 1 and --warmup >= 0')
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = {'tolerance': args.tolerance}
+    if args.num_proposals is not None:
+        config['num_proposals'] = args.num_proposals
+    engine = RSDEngine.from_dirs(args.model, args.draft, device=args.device, dtype=args.dtype,
+                                 **config)
+    if engine.draft is None:
+        raise ValueError('no draft model: pass --draft DIR or build a bundle with a draft/')
+    if args.observations:
+        inputs = observation_inputs(args.observations, args.num_inputs)
+    else:
+        inputs = generated_inputs(args.num_inputs, args.seed)
+    logger.info('benchmarking %d inputs x %d modes (+%d warm-up)', len(inputs), len(MODES),
+                args.warmup)
+    runs = run_modes(engine, inputs, args.warmup)
+    summaries = {name: agg.summary() for name, (agg, _) in runs.items()}
+    main_actions = runs['main_only'][1]
+    identical = [bool(np.array_equal(exact, main))
+                 for exact, main in zip(runs['exact'][1], main_actions, strict=True)]
+    deviation = np.abs(runs['tolerance'][1] - main_actions)                 # [N, T, A]
+    k = engine.config.num_proposals or engine.draft.num_proposals
+    main_p50 = summaries['main_only']['latency_ms']['total']['p50']
+    num_layers = engine.main.num_layers
+    bytes_ = weight_bytes(engine.main)
+    return {
+        'model': str(args.model or 'default bundle'), 'draft': str(args.draft or 'bundle draft'),
+        'device': str(engine.device), 'dtype': args.dtype, 'threads': torch.get_num_threads(),
+        'num_inputs': len(inputs),
+        'warmup': args.warmup, 'inputs': args.observations or f'generated (seed {args.seed})',
+        'num_proposals': k, 'tolerance': args.tolerance, 'num_layers': num_layers,
+        'modes': summaries,
+        'speedup_p50': {name: main_p50 / summaries[name]['latency_ms']['total']['p50']
+                        for name in ('exact', 'tolerance')},
+        'speedup_paired_median': {name: paired_speedup(runs['main_only'][0], runs[name][0])
+                                  for name in ('exact', 'tolerance')},
+        'identical_actions': sum(identical), 'identical_actions_all': all(identical),
+        'tolerance_max_deviation': float(deviation.max()),
+        'tolerance_max_deviation_per_dim': deviation.max(axis=(0, 1)).tolist(),
+        'cost_model': cost_model(summaries, num_layers, k),
+        'weight_bytes': bytes_,
+        'bandwidth_gb_s': {name: bytes_ * s['main_passes']['mean']
+                           / (s['latency_ms']['total']['mean'] * 1e-3) / 1e9
+                           for name, s in summaries.items()},
+    }
+
+
+def fmt(value: float | None, spec: str = '.1f') -> str:
+    return '-' if value is None else format(value, spec)
+
+
+def table(result: dict) -> str:
+    """A readable multi-line summary of a bench result."""
+    modes = result['modes']
+    lines = [f"rsd bench: {result['num_inputs']} inputs ({result['inputs']}), "
+             f"{result['device']} {result['dtype']}, threads={result['threads']}, "
+             f"K={result['num_proposals']}, "
+             f"tolerance {result['tolerance']} action units", '',
+             f"{'mode':<11}{'p50 ms':>9}{'p90 ms':>9}{'passes':>8}{'accepted':>10}"
+             f"{'speedup':>9}{'paired':>9}{'near ties':>11}{'weight GB/s':>13}"]
+    for name, s in modes.items():
+        latency = s['latency_ms']['total']
+        speedup = result['speedup_p50'].get(name, 1.0)
+        paired = result['speedup_paired_median'].get(name, 1.0)
+        lines.append(f"{name:<11}{fmt(latency['p50']):>9}{fmt(latency['p90']):>9}"
+                     f"{fmt(s['main_passes']['mean'], '.2f'):>8}"
+                     f"{fmt(s['mean_accepted_layers'], '.2f'):>10}{speedup:>8.2f}x"
+                     f"{paired:>8.2f}x"
+                     f"{s['near_ties']:>11}{result['bandwidth_gb_s'][name]:>13.2f}")
+    lines += ['', 'phase p50 ms   ' + ''.join(f'{p:>11}' for p in PHASES)]
+    for name, s in modes.items():
+        lines.append(f'{name:<15}' + ''.join(f"{fmt(s['latency_ms'][p]['p50'], '.2f'):>11}"
+                                             for p in PHASES))
+    for name in ('exact', 'tolerance'):
+        rates = ', '.join(fmt(r, '.2f') for r in modes[name]['acceptance_by_depth'])
+        lines.append(f'acceptance by depth ({name}): [{rates}]')
+    lines.append(f"exact == main-only actions: {result['identical_actions']}/"
+                 f"{result['num_inputs']}")
+    lines.append(f"tolerance vs main-only max |deviation|: "
+                 f"{result['tolerance_max_deviation']:.4f} action units")
+    c = result['cost_model']
+    lines.append(f"cost model (ms): P={c['prefill_P_ms']:.2f} d={c['step_d_ms']:.2f} "
+                 f"D={c['draft_D_ms']:.2f} v={c['verify_v_ms']:.2f}; main-only P+7d = "
+                 f"{c['main_only_ms']:.1f}; speculative P+D+v+(6-K)d = "
+                 f"{c['speculative_all_accepted_ms']:.1f} (all accepted), "
+                 f"{c['speculative_measured_acceptance_ms']:.1f} (measured acceptance)")
+    return '\n'.join(lines)
+
+
+def plot(result: dict, path: str | Path) -> Path:
+    """Stacked bars of the median time per phase for each mode."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(result['modes'])
+    figure, axes = plt.subplots(figsize=(7, 4))
+    bottom = np.zeros(len(names))
+    for phase in PHASES + ('other',):
+        if phase == 'other':
+            values = np.array([result['modes'][n]['latency_ms']['total']['p50'] for n in names])
+            values = (values - bottom).clip(min=0)
+        else:
+            values = np.array([result['modes'][n]['latency_ms'][phase]['p50'] for n in names])
+        axes.bar(names, values, bottom=bottom, label=phase)
+        bottom += values
+    axes.set_ylim(0, bottom.max() * 1.1)
+    axes.set_ylabel('median time per chunk (ms)')
+    axes.set_title(f"RSD latency per phase (medians), K={result['num_proposals']}, "
+                   f"{result['device']} {result['dtype']}")
+    axes.legend(fontsize='small', loc='upper left', bbox_to_anchor=(1.0, 1.0))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = bench(args)
+    except (ValueError, FileNotFoundError) as exc:
+        logger.error('%s', exc)
+        return 2
+    if args.plot:
+        result['plot'] = str(plot(result, args.plot))
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    return 0

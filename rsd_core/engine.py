@@ -1,0 +1,309 @@
+"""Residual speculative decoding of one action chunk.
+
+Main-only greedy decoding: `prefill` gives layer 0, then L-1 single-position steps
+(`decode_layers`) give layers 1..L-1: L main passes. Speculative step (`speculative_decode`):
+the draft proposes layers 1..K from h0 (`propose`), ONE main pass over [layer 0, proposals]
+returns the main's logits for layers 1..K+1 (`verify`), the acceptance rule keeps the longest
+passing prefix, the main's own layer after it comes free, and the cache is cropped to what was
+kept. Ordinary steps finish the chunk: 1 + 1 + (L-2-accepted) main passes.
+
+Shapes: B batch (1 in `predict`), L layers, C codes per layer, V levels, H hidden size,
+T chunk steps, A action dims, k proposals.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+import functools
+import logging
+from pathlib import Path
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+from rsd_core.acceptance import MODES, Verdict, accept_exact, accept_tolerance, near_ties
+from rsd_core.bundle import default_bundle_dir
+from rsd_core.draft import DraftModel
+from rsd_core.main_model import MainModel, resolve_dtype
+from rsd_core.processor import check_image
+from rsd_core.stats import PHASES, ChunkStats
+from rsd_core.timing import PhaseTimer
+from rsd_core.tokenizer import ActionTokenizer, codes_to_tokens
+
+logger = logging.getLogger(__name__)
+
+Cache = Any     # transformers DynamicCache, owned and cropped by MainModel
+# rule(prefix [B, 1, C], proposals [B, k, C], main_codes [B, k, C]) -> Verdict
+Rule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Verdict]
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """A model produced NaN/Inf logits; decoding them would give garbage actions."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Runtime switches of the engine. Frozen: change with `RSDEngine.update_config`.
+
+    tolerance: action units, one value for every dimension or one per dimension (tolerance mode).
+    num_proposals: layers the draft proposes per chunk, 1..draft K (None = the draft's K).
+    """
+
+    use_draft: bool = True
+    acceptance: str = 'exact'
+    tolerance: float | tuple[float, ...] = 0.05
+    num_proposals: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.use_draft, bool):
+            raise ValueError(f'use_draft must be a bool, got {self.use_draft!r}')
+        if self.acceptance not in MODES:
+            raise ValueError(f'acceptance must be one of {MODES}, got {self.acceptance!r}')
+        try:
+            values = np.atleast_1d(np.asarray(self.tolerance, dtype=np.float64))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f'tolerance must be numbers in action units, got '
+                             f'{self.tolerance!r}') from exc
+        if values.ndim != 1 or not values.size or not (np.isfinite(values).all()
+                                                       and (values >= 0).all()):
+            raise ValueError(f'tolerance must be one value or one per action dim, finite and '
+                             f'>= 0 (action units), got {self.tolerance!r}')
+        values = tuple(float(v) for v in values)
+        object.__setattr__(self, 'tolerance', values[0] if len(values) == 1 else values)
+        k = self.num_proposals
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+            raise ValueError(f'num_proposals must be None or an integer >= 1, got {k!r}')
+
+
+def check_finite(logits: torch.Tensor, where: str) -> torch.Tensor:
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogitsError(
+            f'{where} produced non-finite logits (NaN/Inf) in {logits.dtype}; refusing to '
+            'decode them (overflow in a low-precision dtype, or corrupt weights?)')
+    return logits
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)                                  # [..., C, V] -> [..., C]
+
+
+def prefill(main: MainModel, inputs: dict) -> tuple[Cache, torch.Tensor, torch.Tensor]:
+    """Prompt forward: (cache, h0 [B, H], logits of layer 0 [B, C, V])."""
+    cache, h0, logits = main.prefill(inputs)
+    return cache, h0, check_finite(logits, 'main prefill (layer 0)')
+
+
+def decode_one_layer(main: MainModel, cache: Cache, codes: torch.Tensor,
+                     layer: int) -> torch.Tensor:
+    """Feed layer `layer` (codes [B, C]); return the main's logits for layer+1, [B, C, V]."""
+    logits, _ = main.forward_layers(cache, codes[:, None], first_layer=layer)  # [B, 1, C, V]
+    return check_finite(logits[:, 0], f'main step (layer {layer + 1})')
+
+
+def decode_layers(main: MainModel, cache: Cache, codes: torch.Tensor, num_layers: int,
+                  timer: PhaseTimer) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Greedy main steps from codes [B, l, C] (cache holds layers 0..l-2) up to num_layers.
+
+    Returns (codes [B, num_layers, C], logits of the new layers, each [B, C, V]).
+    """
+    new_logits = []
+    while codes.shape[1] < num_layers:
+        with timer.phase('step'):
+            logits = decode_one_layer(main, cache, codes[:, -1], codes.shape[1] - 1)
+            codes = torch.cat([codes, greedy(logits)[:, None]], dim=1)     # [B, l+1, C]
+        new_logits.append(logits)
+    return codes, new_logits
+
+
+def propose(draft: DraftModel, h0: torch.Tensor, k: int) -> torch.Tensor:
+    """Draft codes for layers 1..k from h0 [B, H]: [B, k, C]."""
+    logits = draft(h0)[:, :k]                                     # [B, k, C, V]
+    return greedy(check_finite(logits, 'draft'))
+
+
+def verify(main: MainModel, cache: Cache, layer0: torch.Tensor,
+           proposals: torch.Tensor) -> torch.Tensor:
+    """ONE main pass over [layer 0, proposals 1..k]: logits for layers 1..k+1, [B, k+1, C, V]."""
+    codes = torch.cat([layer0[:, None], proposals], dim=1)       # [B, k+1, C]
+    logits, _ = main.forward_layers(cache, codes, first_layer=0)
+    return check_finite(logits, f'main verification of {proposals.shape[1]} proposals')
+
+
+def speculative_decode(main: MainModel, draft: DraftModel, cache: Cache, h0: torch.Tensor,
+                       layer0: torch.Tensor, k: int, rule: Rule, timer: PhaseTimer,
+                       ) -> tuple[torch.Tensor, torch.Tensor, Verdict]:
+    """Propose k layers, verify them in one pass, keep the accepted prefix + one free layer.
+
+    layer0: [B, C]. Returns (codes [B, a+2, C] for layers 0..a+1, the main logits that chose
+    layers 1..a+1 [B, a+1, C, V], verdict) with the cache cropped to prompt + layers 0..a.
+    """
+    with timer.phase('draft'):
+        proposals = propose(draft, h0, k)                         # [B, k, C]
+    prompt_length = main.cache_length(cache)
+    with timer.phase('verify'):
+        logits = verify(main, cache, layer0, proposals)           # [B, k+1, C, V]
+        main_codes = greedy(logits)                               # [B, k+1, C]
+    with timer.phase('accept'):
+        verdict = rule(layer0[:, None], proposals, main_codes[:, :k])
+    a = verdict.accepted
+    main.crop(cache, prompt_length + 1 + a)                       # drop rejected positions
+    codes = torch.cat([layer0[:, None], proposals[:, :a], main_codes[:, a:a + 1]], dim=1)
+    return codes, logits[:, :a + 1], verdict                      # codes: [B, a+2, C]
+
+
+def check_instruction(instruction: Any) -> None:
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError(f'instruction must be a non-empty string, got {instruction!r}')
+
+
+class RSDEngine:
+    """Main model + action tokenizer + optional draft: image and instruction -> action chunk.
+
+    `predict` may run in one thread while `update_config` is called from another: each call
+    reads the (immutable) config once at its start.
+    """
+
+    def __init__(self, main: MainModel, tokenizer: ActionTokenizer,
+                 draft: DraftModel | None = None, config: EngineConfig | None = None) -> None:
+        self.main, self.tokenizer, self.draft = main, tokenizer, draft
+        tok = tokenizer.config
+        if (main.num_layers, main.codes_per_layer, main.levels) != \
+                (tok.num_layers, tok.chunk_len * tok.latent_dim, tok.levels):
+            raise ValueError(
+                f'main model (L={main.num_layers}, C={main.codes_per_layer}, V={main.levels}) '
+                f'does not match the action tokenizer (L={tok.num_layers}, '
+                f'C={tok.chunk_len * tok.latent_dim}, V={tok.levels})')
+        if draft is not None:
+            found = (draft.config.hidden_size, draft.config.codes_per_layer, draft.config.levels)
+            wanted = (main.hidden_size, main.codes_per_layer, main.levels)
+            if found != wanted:
+                raise ValueError(f'draft (H, C, V) = {found} does not match the main model '
+                                 f'{wanted}')
+            if draft.num_proposals > main.num_layers - 2:
+                raise ValueError(f'draft proposes {draft.num_proposals} layers; at most '
+                                 f'L-2 = {main.num_layers - 2} can be verified')
+        config = config or EngineConfig()
+        if draft is None and config.use_draft:
+            logger.info('no draft model: use_draft=True ignored, decoding main-only')
+            config = replace(config, use_draft=False)
+        self._lock = threading.Lock()
+        self._config = self._checked(config)
+
+    @classmethod
+    def from_dirs(cls, model_dir: str | Path | None = None, draft_dir: str | Path | None = None,
+                  device: str = 'cpu', dtype: str | torch.dtype = 'float32',
+                  **config: Any) -> 'RSDEngine':
+        """Load a bundle (default bundle when model_dir is None) and a draft.
+
+        draft_dir: None or 'default' = the bundle's draft/ if present, '' = no draft.
+        config: EngineConfig fields.
+        """
+        model_dir = Path(model_dir) if model_dir else Path(default_bundle_dir())
+        torch_dtype = resolve_dtype(dtype)
+        main = MainModel.from_dir(model_dir, device=device, dtype=torch_dtype)
+        tokenizer = ActionTokenizer.load(model_dir / 'action_tokenizer', device=device)
+        if draft_dir is None or str(draft_dir) == 'default':
+            draft_dir = model_dir / 'draft'
+            if not (draft_dir / 'draft.json').is_file():
+                logger.info('%s has no draft; running main-only', model_dir)
+                draft_dir = ''
+        draft = None
+        if str(draft_dir):
+            draft = DraftModel.load(draft_dir, main_hidden_size=main.hidden_size,
+                                    main_weights_hash=main.weights_hash, device=device,
+                                    dtype=torch_dtype)
+        return cls(main, tokenizer, draft, EngineConfig(**config))
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._config
+
+    def update_config(self, **changes: Any) -> EngineConfig:
+        """Validate and apply EngineConfig field changes; takes effect at the next call."""
+        with self._lock:
+            self._config = self._checked(replace(self._config, **changes))
+            return self._config
+
+    def _checked(self, config: EngineConfig) -> EngineConfig:
+        if config.use_draft and self.draft is None:
+            raise ValueError('use_draft=True but the engine has no draft model')
+        k = config.num_proposals
+        if k is not None and self.draft is not None and k > self.draft.num_proposals:
+            raise ValueError(f'num_proposals {k} exceeds the draft K = '
+                             f'{self.draft.num_proposals}')
+        dims = self.tokenizer.config.action_dim
+        if isinstance(config.tolerance, tuple) and len(config.tolerance) != dims:
+            raise ValueError(f'tolerance needs one value or {dims} (one per action dim), got '
+                             f'{len(config.tolerance)}')
+        return config
+
+    def predict(self, image: np.ndarray, instruction: str, use_draft: bool | None = None,
+                ) -> tuple[np.ndarray, ChunkStats]:
+        """One chunk: image [H, W, 3] uint8 RGB + instruction -> (actions [T, A] float32 in
+        action units, stats). use_draft overrides the config for this call."""
+        _, actions, stats = self.decode_tokens(image, instruction, use_draft)
+        return actions, stats
+
+    def decode_tokens(self, image: np.ndarray, instruction: str, use_draft: bool | None = None,
+                      ) -> tuple[torch.Tensor, np.ndarray, ChunkStats]:
+        """Like `predict`, also returning the chosen codes [L, C] long."""
+        config = self._config
+        if use_draft is not None:
+            config = self._checked(replace(config, use_draft=use_draft))
+        check_image(image)
+        check_instruction(instruction)
+        codes, actions, stats = self._run(image, instruction, config)
+        return codes[0].cpu(), actions[0].float().cpu().numpy(), stats
+
+    @torch.inference_mode()
+    def _run(self, image: np.ndarray, instruction: str, config: EngineConfig,
+             ) -> tuple[torch.Tensor, torch.Tensor, ChunkStats]:
+        timer = PhaseTimer(self.device)
+        verdict, k = None, 0
+        with timer.phase('total'):
+            with timer.phase('preprocess'):
+                inputs = self._inputs(image, instruction)
+            with timer.phase('prefill'):
+                cache, h0, logits0 = prefill(self.main, inputs)
+                codes = greedy(logits0)[:, None]                  # [B, 1, C]
+            decided = []                                          # main logits of layers 1..
+            if config.use_draft:
+                k = config.num_proposals or self.draft.num_proposals
+                codes, logits, verdict = speculative_decode(
+                    self.main, self.draft, cache, h0, codes[:, 0], k, self._rule(config), timer)
+                decided = list(logits.unbind(1))
+            codes, step_logits = decode_layers(self.main, cache, codes, self.main.num_layers,
+                                               timer)             # [B, L, C]
+            with timer.phase('decode'):
+                actions = self._decode(codes)                     # [B, T, A]
+        elapsed = timer.elapsed_ms()
+        stats = ChunkStats(
+            **{f'{p}_ms': elapsed.get(p, 0.0) for p in ('total',) + PHASES},
+            main_passes=1 + timer.count('verify') + timer.count('step'),
+            near_ties=sum(near_ties(logits) for logits in decided + step_logits),
+            used_draft=config.use_draft,
+            acceptance=config.acceptance if config.use_draft else 'none')
+        if verdict is not None:
+            stats.layers_proposed, stats.layers_accepted = k, verdict.accepted
+            stats.accepted_by_depth, stats.max_deviation = verdict.passed, verdict.max_deviation
+        return codes, actions, stats
+
+    @property
+    def device(self) -> torch.device:
+        return self.main.device
+
+    def _inputs(self, image: np.ndarray, instruction: str) -> dict:
+        inputs = self.main.processor([image], [instruction])
+        return {key: value.to(self.device) for key, value in inputs.items()}
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, l, C] -> actions [B, T, A] in action units, from the first l layers."""
+        return self.tokenizer.decode(codes_to_tokens(codes, self.tokenizer.config.latent_dim))
+
+    def _rule(self, config: EngineConfig) -> Rule:
+        if config.acceptance == 'exact':
+            return lambda prefix, proposals, main_codes: accept_exact(proposals, main_codes)
+        tolerance = torch.as_tensor(config.tolerance, dtype=torch.float32, device=self.device)
+        tolerance = tolerance.expand(self.tokenizer.config.action_dim)       # [A]
+        return functools.partial(accept_tolerance, self._decode, tolerance=tolerance)
