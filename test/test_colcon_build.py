@@ -31,7 +31,8 @@ def test_colcon_build_installs_executables_launch_and_config(tmp_path):
     share = install / 'share' / 'rsd_ros'
     for executable in ('rsd', 'rsd_policy', 'libero_bridge', 'libero_expert'):
         assert os.access(install / 'lib' / 'rsd_ros' / executable, os.X_OK), executable
-    assert (install / 'share' / 'ament_index' / 'resource_index' / 'packages' / 'rsd_ros').is_file()
+    index = install / 'share' / 'ament_index' / 'resource_index' / 'packages'
+    assert (index / 'rsd_ros').is_file()
     assert {p.name for p in (share / 'launch').iterdir()} == {
         p.name for p in (ROOT / 'launch').glob('*.launch.xml')}
     assert {p.name for p in (share / 'config').iterdir()} == {

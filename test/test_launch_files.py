@@ -58,6 +58,7 @@ class Graph:
     """Starts NodeSpecs as processes and inspects them from a probe node."""
 
     def __init__(self, context, nodes: list[NodeSpec], log_dir: Path) -> None:
+        from rclpy.executors import SingleThreadedExecutor
         from rclpy.node import Node
 
         self.nodes = nodes
@@ -68,6 +69,8 @@ class Graph:
             self.processes.append(subprocess.Popen([str(exe), *spec.ros_args()], stdout=log,
                                                    stderr=subprocess.STDOUT, cwd=log_dir))
         self.probe = Node('launch_probe', context=context)
+        self.executor = SingleThreadedExecutor(context=context)
+        self.executor.add_node(self.probe)
         self.log_dir = log_dir
 
     def logs(self) -> str:
@@ -75,11 +78,9 @@ class Graph:
                          for p in sorted(self.log_dir.glob('*.log')))
 
     def spin_until(self, condition, timeout: float, what: str) -> None:
-        import rclpy
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            rclpy.spin_once(self.probe, timeout_sec=0.1)
+            self.executor.spin_once(timeout_sec=0.1)
             if condition():
                 return
             for process in self.processes:
@@ -89,13 +90,12 @@ class Graph:
 
     def declared_parameters(self, spec: NodeSpec) -> set[str]:
         from rcl_interfaces.srv import ListParameters
-        import rclpy
 
         prefix = f'/{spec.namespace.strip("/")}' if spec.namespace else ''
         client = self.probe.create_client(ListParameters, f'{prefix}/{spec.name}/list_parameters')
         assert client.wait_for_service(timeout_sec=30.0), f'{spec.name}: no parameter service'
         future = client.call_async(ListParameters.Request())
-        rclpy.spin_until_future_complete(self.probe, future, timeout_sec=10.0)
+        self.executor.spin_until_future_complete(future, timeout_sec=10.0)
         return set(future.result().result.names)
 
     def close(self) -> None:
@@ -106,6 +106,7 @@ class Graph:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
+        self.executor.shutdown()
         self.probe.destroy_node()
 
 

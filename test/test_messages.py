@@ -1,0 +1,124 @@
+"""Chunk -> JointTrajectory, stats -> policy_stats JSON and diagnostics, without a node."""
+
+import json
+
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticStatus
+import numpy as np
+import pytest
+
+from rsd_core.bundle import DEFAULT_ACTION_NAMES
+from rsd_core.stats import ChunkStats, StatsAggregator
+from rsd_ros.messages import (
+    Counters,
+    chunk_to_trajectory,
+    clip_chunk,
+    diagnostic_array,
+    duration,
+    inference_status,
+    stamp_ns,
+    stats_json,
+    status_level,
+    status_values,
+)
+
+LOW, HIGH = [-1.0] * 7, [1.0] * 7
+STAMP = Time(sec=12, nanosec=345_000_000)
+
+
+def test_trajectory_layout():
+    actions = np.linspace(-0.5, 0.5, 56, dtype=np.float32).reshape(8, 7)
+    msg, clipped = chunk_to_trajectory(actions, STAMP, 'base', DEFAULT_ACTION_NAMES, 0.05,
+                                       LOW, HIGH)
+    assert clipped == 0
+    assert msg.header.stamp == STAMP and msg.header.frame_id == 'base'
+    assert msg.joint_names == list(DEFAULT_ACTION_NAMES)
+    assert len(msg.points) == 8 and all(len(p.positions) == 7 for p in msg.points)
+    np.testing.assert_allclose([p.positions for p in msg.points], actions, rtol=1e-7)
+    # point i is due when control step i ends: (i + 1) x period, exact to the nanosecond
+    assert [stamp_ns(p.time_from_start) for p in msg.points] == [
+        (i + 1) * 50_000_000 for i in range(8)]
+
+
+def test_clipping_counts_values_outside_the_limits():
+    actions = np.zeros((8, 7))
+    actions[0, 0], actions[3, 6], actions[7, 2] = 1.5, -3.0, 0.99
+    msg, clipped = chunk_to_trajectory(actions, STAMP, '', DEFAULT_ACTION_NAMES, 0.05,
+                                       LOW, [1.0] * 6 + [0.5])
+    assert clipped == 2
+    assert msg.points[0].positions[0] == 1.0 and msg.points[3].positions[6] == -1.0
+    assert msg.points[7].positions[2] == pytest.approx(0.99)
+
+
+def test_non_finite_or_misshaped_actions_are_refused():
+    actions = np.zeros((8, 7))
+    actions[2, 3] = np.nan
+    with pytest.raises(ValueError, match='non-finite'):
+        clip_chunk(actions, LOW, HIGH)
+    with pytest.raises(ValueError, match=r'\[T, A\] and \[A\]'):
+        clip_chunk(np.zeros((8, 6)), LOW, HIGH)
+    with pytest.raises(ValueError, match='6 joint names for 7 action dims'):
+        chunk_to_trajectory(np.zeros((8, 7)), STAMP, '', DEFAULT_ACTION_NAMES[:6], 0.05,
+                            LOW, HIGH)
+
+
+def test_duration_rounds_to_nanoseconds():
+    assert (duration(0.35).sec, duration(0.35).nanosec) == (0, 350_000_000)
+    assert (duration(2.5).sec, duration(2.5).nanosec) == (2, 500_000_000)
+
+
+def test_stats_json_carries_the_stamp_and_every_field():
+    stats = ChunkStats(total_ms=12.5, main_passes=4, layers_proposed=3, layers_accepted=2,
+                       accepted_by_depth=[True, True, False], used_draft=True,
+                       acceptance='exact', max_deviation=float('nan'))
+    record = json.loads(stats_json(stats, STAMP, latency_ms=np.float32(15.0), dropped=3))
+    assert record['stamp'] == {'sec': 12, 'nanosec': 345_000_000}
+    assert record['total_ms'] == 12.5 and record['accepted_by_depth'] == [True, True, False]
+    assert record['latency_ms'] == 15.0 and record['dropped'] == 3
+    assert record['max_deviation'] is None          # NaN is not JSON
+    assert set(ChunkStats().as_dict()) <= set(record)
+
+
+@pytest.mark.parametrize('new, waiting, error, level, text', [
+    (Counters(frames=30, chunks=5, dropped=25), False, None, DiagnosticStatus.OK, '5 chunks'),
+    (Counters(frames=30, chunks=5, stale=2), False, None, DiagnosticStatus.WARN, '2 stale'),
+    (Counters(frames=30), False, None, DiagnosticStatus.WARN, 'no chunk published yet'),
+    (Counters(frames=3, bad_images=3), False, None, DiagnosticStatus.WARN, '3 bad images'),
+    (Counters(), False, None, DiagnosticStatus.WARN, 'no camera images'),
+    (Counters(frames=30), True, None, DiagnosticStatus.WARN, 'waiting for an instruction'),
+    (Counters(frames=30, chunks=4), False, 'ValueError: x', DiagnosticStatus.ERROR,
+     'inference failed: ValueError: x'),
+])
+def test_status_level(new, waiting, error, level, text):
+    got_level, message = status_level(new, waiting_for_instruction=waiting, error=error)
+    assert got_level == level and text in message
+
+
+def test_status_values_and_diagnostic_array():
+    aggregator = StatsAggregator()
+    for accepted in (1, 3):
+        aggregator.add(ChunkStats(total_ms=100.0 + accepted, prefill_ms=60.0, main_passes=5,
+                                  layers_proposed=3, layers_accepted=accepted, used_draft=True,
+                                  acceptance='exact'))
+    counters = Counters(frames=40, chunks=2, dropped=30, stale=1, clipped=7, errors=1)
+    values = status_values(aggregator.summary(), [110.0, 120.0], counters, True, 'exact')
+    assert values['latency p50 ms'] == '115.00' and values['engine total p90 ms'] == '102.80'
+    assert values['acceptance rate'] == '0.67' and values['mean accepted layers'] == '2.00'
+    assert values['dropped'] == '30' and values['clipped'] == '7' and values['errors'] == '1'
+    assert values['bad images'] == '0' and values['frames'] == '40'
+    assert values['use_draft'] == 'True' and values['mode'] == 'exact'
+    assert values['draft ms'] == '0.00' and values['main passes'] == '5.00'
+
+    empty = status_values(StatsAggregator().summary(), [], Counters(), False, 'exact')
+    assert empty['latency p50 ms'] == 'n/a' and empty['acceptance rate'] == 'n/a'
+
+    status = inference_status('rsd_policy: inference', 'cpu', DiagnosticStatus.OK, 'ok', values)
+    msg = diagnostic_array(STAMP, [status])
+    assert msg.header.stamp == STAMP and msg.status[0].name == 'rsd_policy: inference'
+    assert msg.status[0].hardware_id == 'cpu'
+    assert {kv.key: kv.value for kv in msg.status[0].values} == values
+
+
+def test_counters_since():
+    assert Counters(frames=10, dropped=4).since(Counters(frames=7, dropped=1)) == \
+        Counters(frames=3, dropped=3)

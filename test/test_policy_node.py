@@ -1,0 +1,428 @@
+"""The rsd_policy node over real DDS with the real engine on the tiny bundle.
+
+Each test runs a PolicyNode in its own rclpy context (its own DDS participant), spun on a
+background thread, and talks to it from a test node in another context through the topics,
+in a namespace of its own. Waits are event-driven (spin until a message arrives) with generous
+timeouts; nothing asserts on durations.
+"""
+
+import itertools
+import json
+import os
+from pathlib import Path
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+import numpy as np
+import psutil
+import pytest
+import rclpy
+from rclpy.duration import Duration
+from rclpy.exceptions import InvalidParameterValueException
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.parameter_client import AsyncParameterClient
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import Image
+from std_msgs.msg import String
+import torch
+from trajectory_msgs.msg import JointTrajectory
+
+from rsd_core.bundle import DEFAULT_ACTION_NAMES
+from rsd_ros.image_conversion import array_to_imgmsg
+from rsd_ros.messages import stamp_ns
+from rsd_ros.policy_node import (
+    CHUNK_QOS,
+    INSTRUCTION_QOS,
+    STATS_QOS,
+    PolicyNode,
+    instruction_problem,
+    parameter_problem,
+)
+
+TIMEOUT = 60.0          # s; only reached when something is broken
+INSTRUCTION = 'pick up the black bowl and place it on the plate'
+_namespaces = itertools.count()
+
+
+class Policy:
+    """A PolicyNode in its own context, spun by a SingleThreadedExecutor on a thread."""
+
+    def __init__(self, namespace: str, **parameters) -> None:
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = PolicyNode(context=self.context, namespace=namespace, parameter_overrides=[
+            Parameter(name, value=value) for name, value in parameters.items()])
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.node.destroy_node()
+        self.context.try_shutdown()
+        self.thread.join(timeout=10.0)
+
+
+class Camera(Node):
+    """The test side: plays camera and operator, records what the policy publishes."""
+
+    def __init__(self, context, namespace: str, hardware_id: str) -> None:
+        super().__init__('test_camera', context=context, namespace=namespace)
+        self.hardware_id = hardware_id   # /diagnostics is global: keep this policy's status
+        self.image_pub = self.create_publisher(Image, 'camera/image_raw', qos_profile_sensor_data)
+        self.instruction_pub = self.create_publisher(String, 'instruction', INSTRUCTION_QOS)
+        self.chunks: list[JointTrajectory] = []
+        self.stats: list[dict] = []
+        self.diagnostics: list[DiagnosticStatus] = []
+        self.from_policy = [
+            self.create_subscription(JointTrajectory, 'action_chunk', self.chunks.append,
+                                     CHUNK_QOS),
+            self.create_subscription(String, 'policy_stats',
+                                     lambda m: self.stats.append(json.loads(m.data)), STATS_QOS)]
+        self.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 10)
+        self.spinner = SingleThreadedExecutor(context=context)
+        self.spinner.add_node(self)
+        self.rng = np.random.default_rng(0)
+        self.parameters = AsyncParameterClient(self, f'{namespace}/rsd_policy')
+
+    def close(self) -> None:
+        self.spinner.shutdown()
+        self.destroy_node()
+
+    def _on_diagnostics(self, msg: DiagnosticArray) -> None:
+        self.diagnostics += [s for s in msg.status if s.hardware_id == self.hardware_id]
+
+    def spin_until(self, done, timeout: float = TIMEOUT) -> bool:
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline:
+                return False
+            self.spinner.spin_once(timeout_sec=0.02)
+        return True
+
+    def connect(self, policy: 'Policy | None' = None) -> None:
+        """Wait until every endpoint is matched on both sides (or samples may be lost)."""
+        def policy_side() -> bool:
+            return policy is None or all(
+                p.get_subscription_count() for p in (policy.node._chunk_pub,
+                                                     policy.node._stats_pub))
+        assert self.spin_until(lambda: self.image_pub.get_subscription_count() > 0
+                               and self.instruction_pub.get_subscription_count() > 0
+                               and all(s.get_publisher_count() for s in self.from_policy)
+                               and self.diagnostics and policy_side()), \
+            'policy node not discovered'
+
+    def instruct(self, text: str = INSTRUCTION) -> None:
+        self.instruction_pub.publish(String(data=text))
+
+    def send(self, msg: Image | None = None, age: float = 0.0,
+             size: tuple[int, int] = (64, 80)) -> int:
+        """Publish an image (a fresh random rgb8 one by default) stamped now - age; its stamp."""
+        if msg is None:
+            msg = array_to_imgmsg(self.rng.integers(0, 256, size + (3,), dtype=np.uint8))
+        stamp = self.get_clock().now() - Duration(seconds=age)
+        msg.header.stamp = stamp.to_msg()
+        self.image_pub.publish(msg)
+        return stamp.nanoseconds
+
+    def chunk_for(self, stamp: int, timeout: float = TIMEOUT) -> tuple[JointTrajectory, dict]:
+        """Wait for the chunk and the policy_stats line of the image stamped `stamp`."""
+        def found():
+            return (any(stamp_ns(c.header.stamp) == stamp for c in self.chunks)
+                    and any(self._key(s) == stamp for s in self.stats))
+        assert self.spin_until(found, timeout), f'no chunk for the image stamped {stamp}'
+        return (next(c for c in self.chunks if stamp_ns(c.header.stamp) == stamp),
+                next(s for s in self.stats if self._key(s) == stamp))
+
+    @staticmethod
+    def _key(record: dict) -> int:
+        return record['stamp']['sec'] * 1_000_000_000 + record['stamp']['nanosec']
+
+    def value(self, key: str) -> str:
+        """`key` of the latest diagnostics status."""
+        return {kv.key: kv.value for kv in self.diagnostics[-1].values}[key]
+
+    def wait_counter(self, key: str, at_least: int) -> None:
+        """Wait until the diagnostics report counter `key` >= at_least."""
+        assert self.spin_until(lambda: self.diagnostics and int(self.value(key)) >= at_least), \
+            f'diagnostics never reported {key} >= {at_least}'
+
+    def set_parameters(self, **values):
+        future = self.parameters.set_parameters(
+            [Parameter(name, value=value) for name, value in values.items()])
+        assert self.spin_until(future.done), 'parameter service did not answer'
+        return future.result().results
+
+
+@pytest.fixture
+def run_policy(ros_context, tiny_bundle):
+    """start(**parameters) -> (Camera, Policy), connected; both torn down after the test."""
+    started = []
+
+    def start(**parameters):
+        namespace = f'/policy_test_{os.getpid()}_{next(_namespaces)}'
+        parameters = {'model_dir': str(tiny_bundle), 'draft_dir': '', 'max_image_age': 5.0,
+                      'diagnostics_period': 0.1, 'hardware_id': namespace, **parameters}
+        policy = Policy(namespace, **parameters)
+        camera = Camera(ros_context, namespace, parameters['hardware_id'] or 'cpu')
+        started.append((camera, policy))
+        camera.connect(policy)
+        return camera, policy
+
+    yield start
+    for camera, policy in started:
+        camera.close()
+        policy.close()
+
+
+@pytest.fixture(scope='module')
+def draft_dir(tiny_bundle, tmp_path_factory) -> Path:
+    """An untrained draft that fits the tiny bundle (proposals rarely accepted, but real)."""
+    from rsd_core.draft import DraftConfig, DraftModel
+    from rsd_core.main_model import MainModel
+
+    main = MainModel.from_dir(tiny_bundle)
+    torch.manual_seed(0)
+    draft = DraftModel(DraftConfig(hidden_size=main.hidden_size))
+    directory = tmp_path_factory.mktemp('draft')
+    draft.save(directory, {'main_weights_sha256': main.weights_hash, 'trained': False})
+    return directory
+
+
+def test_image_and_instruction_give_a_chunk_stamped_with_the_image(run_policy):
+    camera, _ = run_policy(frame_id='robot_base', control_period=0.1, hardware_id='')
+    early = camera.send()                        # before any instruction: held, not acted on
+    assert camera.spin_until(lambda: camera.diagnostics and
+                             'waiting for an instruction' in camera.diagnostics[-1].message)
+    assert not camera.chunks
+    camera.instruct()
+    chunk, record = camera.chunk_for(early)      # the held frame runs once the task is known
+    assert chunk.header.frame_id == 'robot_base'
+    assert chunk.joint_names == list(DEFAULT_ACTION_NAMES)
+    assert len(chunk.points) == 8 and all(len(p.positions) == 7 for p in chunk.points)
+    assert all(-1.0 <= x <= 1.0 for p in chunk.points for x in p.positions)
+    assert [stamp_ns(p.time_from_start) for p in chunk.points] == [
+        (i + 1) * 100_000_000 for i in range(8)]
+    assert record['main_passes'] == 8 and record['used_draft'] is False
+    assert record['latency_ms'] >= record['total_ms'] > 0
+
+    stamp = camera.send(size=(224, 224))
+    camera.chunk_for(stamp)
+    camera.wait_counter('chunks', 2)
+    status = camera.diagnostics[-1]
+    assert status.name == 'rsd_policy: inference' and status.hardware_id == 'cpu'
+    assert status.level == DiagnosticStatus.OK and camera.value('mode') == 'main-only'
+    assert float(camera.value('latency p50 ms')) > 0
+
+
+def test_bad_input_is_skipped_and_the_next_good_frame_still_gets_its_chunk(run_policy):
+    camera, policy = run_policy()
+    camera.instruct()
+    camera.chunk_for(camera.send())
+    bad_images = [
+        Image(height=4, width=4, encoding='yuv422', step=8, data=bytes(32)),   # encoding
+        Image(height=4, width=4, encoding='mono16', step=8, data=bytes(32)),   # depth-like
+        Image(height=4, width=4, encoding='rgb8', step=12, data=bytes(40)),    # data length
+        Image(height=0, width=0, encoding='rgb8', step=0, data=b''),           # zero size
+        Image(height=4, width=4, encoding='rgb8', step=10, data=bytes(40)),    # step < row
+    ]
+    for count, bad in enumerate(bad_images, start=1):
+        camera.send(bad)
+        camera.wait_counter('bad images', count)
+        camera.chunk_for(camera.send())
+
+    huge = array_to_imgmsg(np.full((1080, 1920, 3), 90, np.uint8))       # resized by the model
+    camera.chunk_for(camera.send(huge))
+    padded = Image(height=3, width=5, encoding='bgr8', step=17, data=bytes(51))
+    camera.chunk_for(camera.send(padded))
+
+    # Bad instructions are refused; the one in force stays (and is used for the next frame).
+    non_utf8 = b'\xff\xfe bowl \xc3('
+    raw = bytes([0, 1, 0, 0]) + (len(non_utf8) + 1).to_bytes(4, 'little') + non_utf8 + b'\0'
+    for count, publish in enumerate([lambda: camera.instruct(''), lambda: camera.instruct(' \t\n'),
+                                     lambda: camera.instruction_pub.publish(raw)], start=1):
+        publish()
+        camera.wait_counter('bad instructions', count)
+        camera.chunk_for(camera.send())
+
+    # An engine exception (corrupt weights -> NaN logits, refused by the engine) is logged,
+    # turns the diagnostics to ERROR, and the node goes on with the next good frame.
+    bias = policy.node._engine.main.rfsq_head.proj.bias
+    saved = bias.detach().clone()
+    with torch.no_grad():
+        bias.fill_(float('nan'))
+    camera.send()
+    camera.wait_counter('errors', 1)
+    assert camera.spin_until(lambda: camera.diagnostics[-1].level == DiagnosticStatus.ERROR)
+    assert 'NonFiniteLogitsError' in camera.diagnostics[-1].message
+    with torch.no_grad():
+        bias.copy_(saved)
+    _, record = camera.chunk_for(camera.send())
+    assert (record['bad_images'], record['bad_instructions'], record['errors']) == (5, 3, 1)
+    assert camera.spin_until(lambda: camera.diagnostics[-1].level != DiagnosticStatus.ERROR)
+
+
+def test_frames_older_than_max_image_age_get_no_chunk(run_policy):
+    camera, _ = run_policy(max_image_age=0.5)
+    camera.instruct()
+    old = camera.send(age=2.0)
+    camera.wait_counter('stale', 1)
+    fresh = camera.send()
+    _, record = camera.chunk_for(fresh)
+    assert record['stale'] == 1
+    assert all(stamp_ns(c.header.stamp) != old for c in camera.chunks)
+
+
+def test_parameters_switch_at_run_time_and_bad_values_are_refused(run_policy, draft_dir):
+    camera, _ = run_policy(draft_dir=str(draft_dir))
+    camera.instruct()
+    _, record = camera.chunk_for(camera.send())
+    assert record['used_draft'] is True and record['acceptance'] == 'exact'
+    assert record['layers_proposed'] == 3
+
+    assert all(r.successful for r in camera.set_parameters(use_draft=False))
+    _, record = camera.chunk_for(camera.send())
+    assert record['used_draft'] is False and record['main_passes'] == 8
+
+    # A bound far above any action change accepts every proposal of the untrained draft;
+    # a zero bound accepts only proposals that change nothing.
+    results = camera.set_parameters(use_draft=True, acceptance='tolerance', tolerance=[100.0],
+                                    action_high=[0.5] * 7)
+    assert all(r.successful for r in results)
+    chunk, record = camera.chunk_for(camera.send())
+    assert record['used_draft'] is True and record['acceptance'] == 'tolerance'
+    assert record['layers_accepted'] == 3
+    assert max(x for p in chunk.points for x in p.positions) <= 0.5
+    assert all(r.successful for r in camera.set_parameters(tolerance=[0.0] * 7))
+    _, record = camera.chunk_for(camera.send())
+    assert record['layers_accepted'] < 3 and record['max_deviation'] == 0.0
+
+    refused = {
+        'acceptance': ('fuzzy', 'expected one of exact, tolerance'),
+        'tolerance': ([-0.1], 'finite values >= 0'),
+        'action_names': (['a', 'b', 'c', 'd', 'e', 'f'], 'has 6 names; expected 7'),
+        'action_low': ([0.9] * 7, 'exceeds action_high'),
+        'model_dir': ('/elsewhere', 'read-only'),
+        'control_period': (0.0, 'range'),
+    }
+    for name, (value, reason) in refused.items():
+        (result,) = camera.set_parameters(**{name: value})
+        assert not result.successful and reason in result.reason, (name, result.reason)
+    (result,) = camera.set_parameters(tolerance=[0.1, 0.2, 0.3])
+    assert not result.successful and 'expected 1 (all dims) or 7' in result.reason
+
+
+def test_use_draft_is_refused_without_a_draft(run_policy):
+    camera, _ = run_policy()
+    (result,) = camera.set_parameters(use_draft=True)
+    assert not result.successful and 'no draft is loaded' in result.reason
+
+
+@pytest.mark.parametrize('name, value, reason', [
+    ('device', 'gpu0', "expected 'cpu', 'cuda' or 'cuda:N'"),
+    ('dtype', 'float8', 'expected one of float32'),
+    ('tolerance', [float('nan')], 'finite values >= 0'),
+    ('action_names', ['a'] * 7, 'distinct'),
+    ('action_high', [1.0] * 6 + [float('inf')], '7 finite values'),
+])
+def test_bad_start_values_stop_the_node_with_a_reason(ros_context, name, value, reason):
+    with pytest.raises(InvalidParameterValueException, match=re.escape(reason)):
+        PolicyNode(context=ros_context, parameter_overrides=[Parameter(name, value=value)])
+
+
+def test_parameter_and_instruction_checks():
+    current = {'action_low': [-1.0] * 7, 'action_high': [1.0] * 7}
+    assert parameter_problem('device', 'cuda:1', current) is None
+    assert parameter_problem('tolerance', [0.1] * 7, current) is None
+    assert 'exceeds' in parameter_problem('action_high', [-2.0] * 7, current)
+    assert instruction_problem('  pick up the bowl ') is None
+    assert 'empty' in instruction_problem('\t')
+    assert 'UTF-8' in instruction_problem('bowl \ufffd')
+
+
+@pytest.fixture(scope='module')
+def default_size_bundle(tiny_bundle, tmp_path_factory) -> Path:
+    """The default-size preset (~15 M parameters): a chunk takes far longer than 33 ms here."""
+    from rsd_core.bundle import build_main_bundle
+    from rsd_core.tokenizer import ActionTokenizer
+
+    tokenizer = ActionTokenizer.load(tiny_bundle / 'action_tokenizer')
+    return build_main_bundle(tmp_path_factory.mktemp('default') / 'bundle', 'default', tokenizer)
+
+
+def test_a_30_hz_camera_faster_than_inference_drops_frames_not_memory(
+        run_policy, default_size_bundle):
+    camera, _ = run_policy(model_dir=str(default_size_bundle))
+    camera.instruct()
+    camera.chunk_for(camera.send())                             # warm-up
+    process = psutil.Process()
+    sent, rss = [], []
+    period = 1 / 30
+    next_frame = time.monotonic()
+    while len(sent) < 150:                                      # 5 s of 640x480 frames
+        sent.append(camera.send(size=(480, 640)))
+        if len(sent) % 30 == 0:
+            rss.append(process.memory_info().rss)
+        next_frame += period
+        camera.spin_until(lambda due=next_frame: time.monotonic() >= due, timeout=1.0)
+    chunks_when_camera_stopped = len(camera.chunks)
+    last = sent[-1]
+    # The newest frame is the one left; wait for its chunk (or for it to be replaced).
+    camera.spin_until(lambda: any(stamp_ns(c.header.stamp) == last for c in camera.chunks), 30)
+    camera.spin_until(lambda: False, timeout=1.0)               # let stragglers arrive
+
+    records = camera.stats[1:]
+    assert records[-1]['dropped'] > 50, 'a slow policy under a 30 Hz camera must drop frames'
+    # The mailbox holds one frame: every image received is a chunk, dropped, stale, refused,
+    # failed, or the one still waiting (at most 1) -- at every chunk.
+    for r in records:
+        assert 0 <= r['frames'] - (r['chunks'] + r['dropped'] + r['stale'] + r['bad_images']
+                                   + r['errors']) <= 1
+    # No backlog: once the camera stops, at most the frame in inference and the newest one
+    # are still to come.
+    assert len(camera.chunks) - chunks_when_camera_stopped <= 2
+    chunk_stamps = [stamp_ns(c.header.stamp) for c in camera.chunks[1:]]
+    assert chunk_stamps == sorted(chunk_stamps) and set(chunk_stamps) <= set(sent)
+    # Memory stays flat: 150 leaked 0.9 MB frames would add 130 MB.
+    assert max(rss) - rss[0] < 40e6, [f'{r / 1e6:.0f} MB' for r in rss]
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
+def test_the_node_process_shuts_down_cleanly_on_signals(tiny_bundle, sig):
+    namespace = f'/policy_proc_{os.getpid()}_{sig.name}'
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'rsd_ros.policy_node', '--ros-args', '-r', f'__ns:={namespace}',
+         '-p', f'model_dir:={tiny_bundle}', '-p', "draft_dir:=''"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    camera = Camera(context, namespace, 'cpu')
+    try:
+        camera.connect()
+        camera.instruct()
+        # The process's writers may match us a little after we match them: resend until a
+        # chunk comes back.
+        for _ in range(6):
+            stamp = camera.send()
+            if camera.spin_until(lambda: any(stamp_ns(c.header.stamp) == stamp  # noqa: B023
+                                             for c in camera.chunks), 10.0):
+                break
+        assert camera.chunks, 'the node process never answered'
+        camera.send()                          # likely in inference when the signal comes
+        process.send_signal(sig)
+        output, _ = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        camera.close()
+        context.try_shutdown()
+    assert process.returncode == 0, output
+    assert 'Traceback' not in output, output
