@@ -45,4 +45,4 @@ else
 fi
 
 log "checking the default model bundle"
-"$VENV/bin/rsd" build-default --if-missing
+"$VENV/bin/rsd" build-default --if-missing --observations "$ROOT/data/observations/libero_spatial"
