@@ -23,10 +23,17 @@ from pathlib import Path
 import shutil
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from rsd_core.checkpoint import CheckpointError, load_manifest, load_tensors, tensors_sha256
+from rsd_core.tokenizer import ActionTokenizer
+
+if TYPE_CHECKING:  # imported lazily at run time: main_model imports this module
+    from transformers import LlavaConfig, PreTrainedTokenizerBase
+
+    from rsd_core.main_model import MainModel
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +160,8 @@ def bundle_weights_sha256(bundle_dir: str | Path) -> str:
 
 # ---------------------------------------------------------------- building
 
-def llava_config(preset: BackbonePreset, text_tokenizer):
+def llava_config(preset: BackbonePreset,
+                 text_tokenizer: 'PreTrainedTokenizerBase') -> 'LlavaConfig':
     """The transformers LlavaConfig of a preset, sized to the text tokenizer's vocabulary."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
@@ -178,13 +186,13 @@ def llava_config(preset: BackbonePreset, text_tokenizer):
                        tie_word_embeddings=True)
 
 
-def write_main_model(out_dir: str | Path, preset: str = 'default', seed: int = 0,
-                     num_layers: int = 8, codes_per_layer: int = 128, levels: int = 7):
-    """Build a randomly initialised MainModel of a preset and write backbone/ + heads into
-    out_dir (no manifest). Returns the model (float32, CPU)."""
+def new_main_model(preset: str = 'default', seed: int = 0, num_layers: int = 8,
+                   codes_per_layer: int = 128, levels: int = 7) -> 'MainModel':
+    """A randomly initialised MainModel of a preset (float32, CPU, eval mode); the global torch
+    RNG is left untouched."""
     from transformers import LlavaForConditionalGeneration
 
-    from rsd_core.main_model import MainModel, _quiet_transformers
+    from rsd_core.main_model import MainModel
     from rsd_core.processor import PromptProcessor, build_text_tokenizer
 
     if preset not in PRESETS:
@@ -196,34 +204,37 @@ def write_main_model(out_dir: str | Path, preset: str = 'default', seed: int = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone = LlavaForConditionalGeneration(config)
-        model = MainModel(backbone, processor, num_layers, codes_per_layer, levels).eval()
-    out_dir = Path(out_dir)
-    with _quiet_transformers():
-        backbone.save_pretrained(str(out_dir / 'backbone'))
-    text_tokenizer.save_pretrained(str(out_dir / 'backbone'))
-    model.save_heads(out_dir)
-    return model
+        return MainModel(backbone, processor, num_layers, codes_per_layer, levels).eval()
 
 
-def build_main_bundle(out_dir: str | Path, preset: str, tokenizer, seed: int = 0,
-                      action_names: tuple[str, ...] | list[str] = DEFAULT_ACTION_NAMES,
-                      control_period: float = 0.05, provenance: dict | None = None) -> Path:
-    """Write a complete main bundle (no draft) into out_dir, which must be new or empty.
+def write_bundle(model: 'MainModel', tokenizer: ActionTokenizer, out_dir: str | Path,
+                 action_names: tuple[str, ...] | list[str], control_period: float,
+                 provenance: dict) -> str:
+    """Write a MainModel and its fitted ActionTokenizer as a complete bundle (no draft) into
+    out_dir: backbone/, heads, action_tokenizer/, then manifest.json last.
 
-    tokenizer: a fitted ActionTokenizer; its config sets L, C = chunk_len * latent_dim and V.
-    Returns out_dir.
+    An older bundle's manifest, backbone/ and draft/ are removed first (a stale draft would not
+    match the new weights). control_period in seconds. provenance: recorded in the manifest
+    (after 'created' and the library versions, which it may override). Returns the weights
+    sha256.
     """
     import transformers
 
+    from rsd_core.main_model import quiet_transformers
+
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ValueError(f'{out_dir}: not empty; a bundle is built into a new directory')
     cfg = tokenizer.config
     if len(action_names) != cfg.action_dim:
         raise ValueError(f'{len(action_names)} action names for {cfg.action_dim} action dims')
-    model = write_main_model(out_dir, preset, seed, cfg.num_layers, cfg.codes_per_layer,
-                             cfg.levels)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / 'draft', ignore_errors=True)
+    shutil.rmtree(out_dir / 'backbone', ignore_errors=True)
+    with quiet_transformers():
+        model.backbone.save_pretrained(str(out_dir / 'backbone'))
+    model.processor.tokenizer.save_pretrained(str(out_dir / 'backbone'))
+    model.save_heads(out_dir)
     tokenizer.save(out_dir / 'action_tokenizer')
+    weights = bundle_weights_sha256(out_dir)
     manifest = {
         'format': BUNDLE_FORMAT, 'version': BUNDLE_VERSION,
         'hidden_size': model.hidden_size, 'num_layers': model.num_layers,
@@ -233,14 +244,32 @@ def build_main_bundle(out_dir: str | Path, preset: str, tokenizer, seed: int = 0
         'image_size': model.processor.image_size,
         'num_image_tokens': model.processor.num_image_tokens,
         'prompt_template': model.processor.prompt_template,
-        'weights_sha256': bundle_weights_sha256(out_dir),
-        'provenance': {'preset': preset, 'backbone_sizes': asdict(PRESETS[preset]),
-                       'seed': seed, 'weights': 'random initialisation',
-                       'created': datetime.now(UTC).isoformat(timespec='seconds'),
+        'weights_sha256': weights,
+        'provenance': {'created': datetime.now(UTC).isoformat(timespec='seconds'),
                        'transformers_version': transformers.__version__,
-                       'torch_version': torch.__version__, **(provenance or {})},
+                       'torch_version': torch.__version__, **provenance},
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + '\n')
+    return weights
+
+
+def build_main_bundle(out_dir: str | Path, preset: str, tokenizer: ActionTokenizer, seed: int = 0,
+                      action_names: tuple[str, ...] | list[str] = DEFAULT_ACTION_NAMES,
+                      control_period: float = 0.05, provenance: dict | None = None) -> Path:
+    """Write a complete main bundle (no draft) of a new randomly initialised preset model into
+    out_dir, which must be new or empty.
+
+    tokenizer: a fitted ActionTokenizer; its config sets L, C = chunk_len * latent_dim and V.
+    control_period in seconds. Returns out_dir.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f'{out_dir}: not empty; a bundle is built into a new directory')
+    cfg = tokenizer.config
+    model = new_main_model(preset, seed, cfg.num_layers, cfg.codes_per_layer, cfg.levels)
+    write_bundle(model, tokenizer, out_dir, action_names, control_period, {
+        'preset': preset, 'backbone_sizes': asdict(PRESETS[preset]), 'seed': seed,
+        'weights': 'random initialisation', **(provenance or {})})
     return out_dir
 
 
@@ -249,14 +278,9 @@ def make_test_bundle(directory: str | Path, seed: int = 0) -> Path:
     few steps on synthetic chunks. Builds in a few seconds; returns the bundle directory."""
     from rsd_core.train_tokenizer import fit_tokenizer, synthetic_chunks
 
-    # One thread: on a busy machine two threads spin-wait and make this tiny job 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        tokenizer, _ = fit_tokenizer(synthetic_chunks(256, seed=seed), steps=40, seed=seed,
-                                     progress=False, source='synthetic: 256 chunks (test bundle)')
-    finally:
-        torch.set_num_threads(threads)
+    # fit_tokenizer trains on one thread (two spin-wait on a busy machine: 10x slower).
+    tokenizer, _ = fit_tokenizer(synthetic_chunks(256, seed=seed), steps=40, seed=seed,
+                                 progress=False, source='synthetic: 256 chunks (test bundle)')
     return build_main_bundle(directory, 'tiny', tokenizer, seed=seed,
                              provenance={'purpose': 'tests', 'action_tokenizer': 'synthetic'})
 
@@ -332,7 +356,8 @@ def build_bundle(bundle_dir: Path, args: argparse.Namespace) -> None:
         logger.info('[3/3] draft done (%.1f s)', time.perf_counter() - started)
 
 
-def fit_action_tokenizer(demos: list[str] | None, seed: int, steps: int | None):
+def fit_action_tokenizer(demos: list[str] | None, seed: int,
+                         steps: int | None) -> ActionTokenizer:
     """The action tokenizer of a new bundle, fitted on demos or on synthetic chunks."""
     from rsd_core.train_tokenizer import (
         DEFAULT_STEPS,
@@ -354,6 +379,8 @@ def fit_action_tokenizer(demos: list[str] | None, seed: int, steps: int | None):
 
 def build_draft(bundle_dir: Path, observations: str | None, seed: int, samples: int,
                 epochs: int) -> None:
+    """Distil the default draft into <bundle>/draft on observations (a directory, or None:
+    synthetic images)."""
     from rsd_core.distill import distill_draft, summary_line, write_synthetic_observations
 
     with tempfile.TemporaryDirectory(prefix='rsd-observations-') as scratch:
@@ -386,4 +413,5 @@ def make_readable(directory: Path) -> None:
 
 
 def dir_size(directory: Path) -> int:
+    """Total size in bytes of the files below `directory`."""
     return sum(p.stat().st_size for p in directory.rglob('*') if p.is_file())

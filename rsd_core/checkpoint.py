@@ -64,20 +64,28 @@ def non_finite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
                   if v.is_floating_point() and not bool(torch.isfinite(v).all()))
 
 
-def check_state_dict(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
-                     where: str) -> None:
-    """Raise CheckpointError naming every missing, unexpected, mis-shaped or non-finite key."""
+def key_problems(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                 note: str = '') -> list[str]:
+    """Messages naming the keys of `tensors` missing from, unexpected in, or mis-shaped against
+    the expected `shapes`; `note` is appended to each shape message (e.g. the config)."""
     problems = []
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    missing = sorted(set(shapes) - set(tensors))
+    unexpected = sorted(set(tensors) - set(shapes))
     if missing:
         problems.append(f'missing keys {missing}')
     if unexpected:
         problems.append(f'unexpected keys {unexpected}')
-    for key in sorted(set(expected) & set(tensors)):
-        if tuple(tensors[key].shape) != tuple(expected[key].shape):
-            problems.append(f'{key}: shape {list(tensors[key].shape)}, expected '
-                            f'{list(expected[key].shape)}')
+    for key in sorted(set(shapes) & set(tensors)):
+        found = tuple(tensors[key].shape)
+        if found != tuple(shapes[key]):
+            problems.append(f'{key}: shape {list(found)}, expected {list(shapes[key])}{note}')
+    return problems
+
+
+def check_state_dict(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                     where: str) -> None:
+    """Raise CheckpointError naming every missing, unexpected, mis-shaped or non-finite key."""
+    problems = key_problems(tensors, {k: tuple(v.shape) for k, v in expected.items()})
     bad = non_finite_keys({k: v for k, v in tensors.items() if k in expected})
     if bad:
         problems.append(f'non-finite values in {bad}')
@@ -86,6 +94,7 @@ def check_state_dict(tensors: dict[str, torch.Tensor], expected: dict[str, torch
 
 
 def file_sha256(path: str | Path) -> str:
+    """sha256 hex digest of a file's bytes."""
     digest = hashlib.sha256()
     with open(path, 'rb') as stream:
         for block in iter(lambda: stream.read(1 << 20), b''):

@@ -20,6 +20,7 @@ from torch import nn
 from rsd_core.checkpoint import (
     CheckpointError,
     file_sha256,
+    key_problems,
     load_manifest,
     load_tensors,
     non_finite_keys,
@@ -207,6 +208,7 @@ def sniff_pickle(path: Path) -> str | None:
 
 
 def manifest_config(manifest: dict, where: Path) -> DraftConfig:
+    """The DraftConfig recorded in a draft manifest (CheckpointError naming `where`)."""
     if 'config' not in manifest:
         raise CheckpointError(f'{where}: manifest has no "config"')
     try:
@@ -240,17 +242,9 @@ def draft_problems(tensors: dict[str, torch.Tensor], config: DraftConfig,
         problems.append(f'manifest config hidden_size {config.hidden_size} does not match '
                         f'the main model hidden size {main_hidden_size}')
     expected = expected_shapes(config)
-    missing = sorted(set(expected) - set(tensors) - set(missing_proj))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing:
-        problems.append(f'missing keys {missing}')
-    if unexpected:
-        problems.append(f'unexpected keys {unexpected}')
-    for key in sorted(set(expected) & set(tensors)):
-        found = tuple(tensors[key].shape)
-        if found != expected[key]:
-            problems.append(f'{key}: shape {list(found)}, expected {list(expected[key])} '
-                            f'for config {config_summary(config)}')
+    problems += key_problems(  # missing projection keys are reported above
+        tensors, {k: v for k, v in expected.items() if k not in missing_proj},
+        note=f' for config {config_summary(config)}')
     not_float = sorted(k for k in set(expected) & set(tensors)
                        if not tensors[k].is_floating_point())
     if not_float:
@@ -262,6 +256,7 @@ def draft_problems(tensors: dict[str, torch.Tensor], config: DraftConfig,
 
 
 def config_summary(config: DraftConfig) -> str:
+    """The sizes that decide a draft's tensor shapes, as one line."""
     return (f'(hidden_size={config.hidden_size}, d_model={config.d_model}, '
             f'K={config.num_proposals}, C={config.codes_per_layer}, V={config.levels})')
 

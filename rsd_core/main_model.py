@@ -12,6 +12,7 @@ Models loaded with `from_dir` are in eval mode with gradients off (call `.train(
 `.requires_grad_(True)` to fine-tune).
 """
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 import logging
 from pathlib import Path
@@ -85,7 +86,7 @@ class LayerEmbedding(nn.Module):
 
 
 @contextmanager
-def _quiet_transformers():
+def quiet_transformers() -> Iterator[None]:
     """No transformers progress bars while loading (they would land in node logs)."""
     from transformers.utils import logging as hf_logging
 
@@ -200,6 +201,7 @@ class MainModel(nn.Module):
                 if k.startswith(('rfsq_head.', 'layer_embedding.'))}
 
     def heads_manifest(self) -> dict:
+        """The heads.json content: format, version and the sizes H, L, C, V."""
         return {'format': HEADS_FORMAT, 'version': HEADS_VERSION,
                 'hidden_size': self.hidden_size, 'num_layers': self.num_layers,
                 'codes_per_layer': self.codes_per_layer, 'levels': self.levels}
@@ -248,7 +250,7 @@ class MainModel(nn.Module):
         except (OSError, ValueError) as exc:
             raise CheckpointError(f'{backbone_dir}: not a LLaVA config ({exc})') from exc
         _check_config(config, manifest, bundle_dir)
-        with _quiet_transformers():
+        with quiet_transformers():
             backbone = LlavaForConditionalGeneration.from_pretrained(
                 str(backbone_dir), config=config, local_files_only=True, use_safetensors=True,
                 dtype=dtype)

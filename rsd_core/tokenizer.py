@@ -62,6 +62,8 @@ FILE_STEM = 'action_tokenizer'
 
 @dataclass(frozen=True)
 class TokenizerConfig:
+    """Sizes of an action tokenizer (all positive ints, levels >= 2)."""
+
     chunk_len: int = 8      # T, control steps per chunk
     action_dim: int = 7     # A
     latent_dim: int = 16    # D, latent scalars per step

@@ -50,9 +50,8 @@ backbones are exercised on this machine.
 
 import argparse
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 import json
 import logging
 import math
@@ -70,15 +69,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from rsd_core.bundle import (
-    BUNDLE_FORMAT,
-    BUNDLE_VERSION,
     DEFAULT_ACTION_NAMES,
     MANIFEST,
     PRESETS,
-    bundle_weights_sha256,
     load_bundle_manifest,
     make_readable,
-    write_main_model,
+    new_main_model,
+    write_bundle,
 )
 from rsd_core.checkpoint import (
     CheckpointError,
@@ -88,8 +85,21 @@ from rsd_core.checkpoint import (
     load_tensors,
     save_component,
 )
-from rsd_core.main_model import MainModel, _quiet_transformers
-from rsd_core.tokenizer import ActionTokenizer, TokenizerConfig, tokens_to_codes
+from rsd_core.demos import (
+    demo_groups,
+    episode_chunks,
+    find_demo_files,
+    open_demo_file,
+    read_actions,
+)
+from rsd_core.main_model import MainModel
+from rsd_core.tokenizer import (
+    ActionTokenizer,
+    TokenizerConfig,
+    codes_to_tokens,
+    tokens_to_codes,
+)
+from rsd_core.train_tokenizer import fit_tokenizer, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +149,7 @@ class TrainPolicyConfig:
     progress: bool = True
 
     def check(self) -> None:
+        """Raise ValueError listing every out-of-range setting."""
         positive = {'steps': self.steps, 'batch_size': self.batch_size,
                     'grad_accum': self.grad_accum, 'eval_every': self.eval_every,
                     'save_every': self.save_every, 'eval_samples': self.eval_samples,
@@ -183,30 +194,6 @@ class Episode:
         return len(self.actions)
 
 
-def find_demo_files(paths: list[str | Path]) -> list[Path]:
-    """HDF5 files given directly or found (*.hdf5, *.h5) in given directories."""
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix in ('.hdf5', '.h5'))
-            if not found:
-                raise ValueError(f'{path}: directory holds no .hdf5 / .h5 demo files')
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise ValueError(f'{path}: no such demo file or directory')
-    return files
-
-
-def _open_hdf5(path: Path) -> h5py.File:
-    try:
-        return h5py.File(path, 'r')
-    except OSError as exc:
-        raise ValueError(f'{path}: not a readable HDF5 file ({exc}); expected a LIBERO demo '
-                         'file (data/demo_<i>/actions, obs/agentview_rgb)') from exc
-
-
 def _instruction(path: Path, data: h5py.Group) -> str:
     """The task language in `data.attrs['problem_info']` (JSON, LIBERO's layout)."""
     raw = data.attrs.get('problem_info')
@@ -234,15 +221,10 @@ def read_episodes(paths: list[str | Path], action_dim: int = 7) -> list[Episode]
     """
     episodes = []
     for path in find_demo_files(paths):
-        with _open_hdf5(path) as stream:
-            data = stream.get('data')
-            if not isinstance(data, h5py.Group):
-                raise ValueError(f'{path}: no "data" group (expected LIBERO layout '
-                                 'data/demo_<i>/{actions, obs/agentview_rgb})')
+        with open_demo_file(path) as stream:
+            data, names = demo_groups(path, stream,
+                                      'data/demo_<i>/{actions, obs/agentview_rgb}')
             instruction = _instruction(path, data)
-            names = sorted((k for k in data if k.startswith('demo_')), key=lambda k: (len(k), k))
-            if not names:
-                raise ValueError(f'{path}: no data/demo_<i> groups')
             for name in names:
                 episodes.append(_read_episode(path, data[name], name, instruction, action_dim))
     logger.info('%d episodes, %d frames from %d file(s)', len(episodes),
@@ -253,31 +235,16 @@ def read_episodes(paths: list[str | Path], action_dim: int = 7) -> list[Episode]
 def _read_episode(path: Path, group: h5py.Group, name: str, instruction: str,
                   action_dim: int) -> Episode:
     where = f'{path}: data/{name}'
-    if 'actions' not in group:
-        raise ValueError(f'{where} has no "actions" dataset')
+    actions = read_actions(where, group, action_dim)
     frames = group.get(f'obs/{CAMERA}')
     if not isinstance(frames, h5py.Dataset):
         raise ValueError(f'{where} has no obs/{CAMERA} dataset (the agent-view camera)')
-    actions = np.asarray(group['actions'], dtype=np.float32)
-    if actions.ndim != 2 or actions.shape[1] != action_dim or not len(actions):
-        raise ValueError(f'{where}/actions has shape {list(actions.shape)}, expected '
-                         f'[N >= 1, {action_dim}]')
-    if not np.isfinite(actions).all():
-        raise ValueError(f'{where}/actions holds NaN or Inf')
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f'{where}/obs/{CAMERA} is {frames.dtype} {list(frames.shape)}, '
                          'expected uint8 [N, H, W, 3]')
     if frames.shape[0] != len(actions):
         raise ValueError(f'{where}: {frames.shape[0]} frames but {len(actions)} actions')
     return Episode(path, name, instruction, actions)
-
-
-def episode_chunks(actions: np.ndarray, chunk_len: int) -> np.ndarray:
-    """Actions [N, A] -> chunks [N, chunk_len, A]: chunk t = steps t..t+chunk_len-1, padded
-    with the last action past the episode end (as `train_tokenizer.load_demo_chunks`)."""
-    padded = np.concatenate([actions, np.repeat(actions[-1:], chunk_len - 1, axis=0)])
-    windows = np.lib.stride_tricks.sliding_window_view(padded, chunk_len, axis=0)  # [N, A, T]
-    return np.ascontiguousarray(windows.transpose(0, 2, 1))  # [N, T, A]
 
 
 def split_episodes(episodes: list[Episode], fraction: float,
@@ -326,7 +293,7 @@ class FrameReader:
         """Frame t of an episode, upright, at its stored size [H, W, 3] uint8."""
         info = self.episodes[episode]
         if info.file not in self._files:
-            self._files[info.file] = _open_hdf5(info.file)
+            self._files[info.file] = open_demo_file(info.file)
         frame = self._files[info.file]['data'][info.demo]['obs'][CAMERA][t]  # [H, W, 3]
         return np.ascontiguousarray(frame[::-1, ::-1])
 
@@ -495,7 +462,7 @@ def greedy_codes(model: MainModel, inputs: dict) -> torch.Tensor:
     return torch.stack(codes, dim=1)  # [B, L, C]
 
 
-def autocast(device: torch.device, dtype: str):
+def autocast(device: torch.device, dtype: str) -> AbstractContextManager:
     """Mixed-precision context of the forward pass (none for float32)."""
     compute = AUTOCAST_DTYPES[dtype]
     if compute is None:
@@ -518,7 +485,8 @@ def evaluate(model: MainModel, tokenizer: ActionTokenizer, data: DemoData,
             logits = teacher_forced_logits(model, inputs, codes)  # [B, L, C, V]
             losses = losses + layer_losses(logits, codes) * len(indices)
             correct = correct + (logits.argmax(-1) == codes).float().mean(-1).sum(0)  # [L]
-            actions = tokenizer.decode(tokens_from_codes(tokenizer, greedy_codes(model, inputs)))
+            tokens = codes_to_tokens(greedy_codes(model, inputs), tokenizer.config.latent_dim)
+            actions = tokenizer.decode(tokens)  # [B, T, A]
             target = torch.from_numpy(data.chunks[indices]).to(actions.device)  # [B, T, A]
             errors.append((actions.float() - target).abs().cpu())
             count += len(indices)
@@ -529,11 +497,6 @@ def evaluate(model: MainModel, tokenizer: ActionTokenizer, data: DemoData,
             'action_l1': float(error.mean()), 'action_l1_per_dim': error.mean((0, 1)).tolist()}
 
 
-def tokens_from_codes(tokenizer: ActionTokenizer, codes: torch.Tensor) -> torch.Tensor:
-    """Engine codes [B, L, C] -> tokenizer tokens [B, L, T, D]."""
-    return codes.unflatten(-1, (tokenizer.config.chunk_len, -1))
-
-
 @torch.no_grad()
 def baselines(tokenizer: ActionTokenizer, data: DemoData, train: np.ndarray,
               held: np.ndarray) -> dict:
@@ -542,7 +505,8 @@ def baselines(tokenizer: ActionTokenizer, data: DemoData, train: np.ndarray,
     of always predicting each code's most frequent training value."""
     chunks = torch.from_numpy(data.chunks[held])  # [n, T, A]
     codes = torch.from_numpy(data.codes[held]).long()  # [n, L, C]
-    floor = tokenizer.decode(tokens_from_codes(tokenizer, codes)).cpu() - chunks
+    tokens = codes_to_tokens(codes, tokenizer.config.latent_dim)  # [n, L, T, D]
+    floor = tokenizer.decode(tokens).cpu() - chunks
     mean_chunk = torch.from_numpy(data.chunks[train].mean(0))  # [T, A]
     levels = tokenizer.config.levels
     counts = F.one_hot(torch.from_numpy(data.codes[train]).long(), levels).sum(0)  # [L, C, V]
@@ -665,42 +629,6 @@ def load_checkpoint(directory: Path, model: MainModel,
 
 # ---------------------------------------------------------------- bundle and observations
 
-def save_bundle(model: MainModel, tokenizer: ActionTokenizer, out: Path, action_names: list[str],
-                control_period: float, provenance: dict) -> str:
-    """Write the trained model as a complete bundle into `out` (docs/ARCHITECTURE.md layout;
-    a stale draft/ is removed). The manifest is written last. Returns the weights sha256."""
-    import transformers
-
-    (out / MANIFEST).unlink(missing_ok=True)
-    shutil.rmtree(out / 'draft', ignore_errors=True)
-    shutil.rmtree(out / 'backbone', ignore_errors=True)
-    with _quiet_transformers():
-        model.backbone.save_pretrained(str(out / 'backbone'))
-    model.processor.tokenizer.save_pretrained(str(out / 'backbone'))
-    model.save_heads(out)
-    tokenizer.save(out / 'action_tokenizer')
-    config = tokenizer.config
-    weights = bundle_weights_sha256(out)
-    manifest = {
-        'format': BUNDLE_FORMAT, 'version': BUNDLE_VERSION,
-        'hidden_size': model.hidden_size, 'num_layers': model.num_layers,
-        'codes_per_layer': model.codes_per_layer, 'levels': model.levels,
-        'chunk_len': config.chunk_len, 'action_dim': config.action_dim,
-        'action_names': list(action_names), 'control_period_s': float(control_period),
-        'image_size': model.processor.image_size,
-        'num_image_tokens': model.processor.num_image_tokens,
-        'prompt_template': model.processor.prompt_template,
-        'weights_sha256': weights,
-        'provenance': {'weights': 'behaviour cloning (rsd train-policy)',
-                       'created': datetime.now(UTC).isoformat(timespec='seconds'),
-                       'transformers_version': transformers.__version__,
-                       'torch_version': torch.__version__, **provenance},
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + '\n')
-    make_readable(out)
-    return weights
-
-
 def write_observations(frames: FrameReader, samples: list[tuple[int, int]],
                        directory: Path) -> Path:
     """An observation directory (index.jsonl + images/*.png, upright, stored size) of the given
@@ -749,7 +677,7 @@ def identity(config: TrainPolicyConfig, demos: list[dict]) -> dict:
             'heldout_fraction': config.heldout_fraction, 'freeze_vision': config.freeze_vision}
 
 
-def build_model(config: TrainPolicyConfig, tokenizer_config, scratch: Path,
+def build_model(config: TrainPolicyConfig, tokenizer_config: TokenizerConfig,
                 ) -> tuple[MainModel, list[str], float, dict]:
     """The model to train: the --init bundle, or a new preset model. Returns (model, action
     names, control period, source description)."""
@@ -759,8 +687,8 @@ def build_model(config: TrainPolicyConfig, tokenizer_config, scratch: Path,
         source = {'init': str(Path(config.init).resolve()),
                   'init_weights_sha256': manifest['weights_sha256']}
         return model, manifest['action_names'], manifest['control_period_s'], source
-    model = write_main_model(scratch, config.preset, config.seed, tokenizer_config.num_layers,
-                             tokenizer_config.codes_per_layer, tokenizer_config.levels)
+    model = new_main_model(config.preset, config.seed, tokenizer_config.num_layers,
+                           tokenizer_config.codes_per_layer, tokenizer_config.levels)
     source = {'preset': config.preset, 'backbone_sizes': asdict(PRESETS[config.preset])}
     return model, list(DEFAULT_ACTION_NAMES), 0.05, source
 
@@ -769,8 +697,6 @@ def get_tokenizer(config: TrainPolicyConfig, out: Path, episodes: list[Episode],
                   train_episodes: list[int], resuming: bool) -> ActionTokenizer:
     """Resume: the checkpoint's tokenizer; --tokenizer DIR; else fitted on the training
     episodes' chunks. Saved to <out>/checkpoint/action_tokenizer."""
-    from rsd_core.train_tokenizer import fit_tokenizer
-
     saved = out / 'checkpoint' / 'action_tokenizer'
     if resuming:
         return ActionTokenizer.load(saved)
@@ -789,6 +715,8 @@ def get_tokenizer(config: TrainPolicyConfig, out: Path, episodes: list[Episode],
 
 
 def check_compatible(model: MainModel, tokenizer: ActionTokenizer, action_dim: int) -> None:
+    """ValueError unless the tokenizer's (L, C, V) match the model's heads and its action
+    dims the demos'."""
     cfg = tokenizer.config
     found = (cfg.num_layers, cfg.codes_per_layer, cfg.levels)
     wanted = (model.num_layers, model.codes_per_layer, model.levels)
@@ -800,7 +728,7 @@ def check_compatible(model: MainModel, tokenizer: ActionTokenizer, action_dim: i
                          f'{action_dim}')
 
 
-def prepare(config: TrainPolicyConfig, scratch: Path) -> tuple[Run, Path | None]:
+def prepare(config: TrainPolicyConfig) -> tuple[Run, Path | None]:
     """Read the demos, get the tokenizer and the model; returns the run and the checkpoint to
     resume from (None for a new run)."""
     out = Path(config.out)
@@ -826,7 +754,7 @@ def prepare(config: TrainPolicyConfig, scratch: Path) -> tuple[Run, Path | None]
         logger.info('%s: no checkpoint to resume; starting a new run', out)
     train_ep, held_ep = split_episodes(episodes, config.heldout_fraction, config.seed)
     tokenizer = get_tokenizer(config, out, episodes, train_ep, bool(checkpoints))
-    model, names, period, source = build_model(config, tokenizer.config, scratch)
+    model, names, period, source = build_model(config, tokenizer.config)
     check_compatible(model, tokenizer, episodes[0].actions.shape[1])
     frames = FrameReader(episodes, model.processor.image_size, config.cache_mb)
     data = DemoData(episodes, model, tokenizer, frames)
@@ -907,12 +835,14 @@ def train_loop(run: Run, optimizer: torch.optim.Optimizer, eval_batches: list[np
 
 
 def run_state(run: Run) -> dict:
+    """The state.json content of a checkpoint: step, resume identity, settings, history."""
     config = {k: v for k, v in asdict(run.config).items() if k != 'progress'}
     return {'step': run.step, 'identity': identity(run.config, run.demos), 'config': config,
             'history': run.history, 'step_seconds': run.step_seconds[-1000:]}
 
 
 def summary_line(record: dict) -> str:
+    """One evaluation record (train and held-out loss, accuracy, action L1) as one line."""
     line = (f'train loss {record["train_loss"]:.4f}, layer-0 acc '
             f'{record["train_token_accuracy"][0]:.3f}')
     held = record.get('held_out')
@@ -921,17 +851,6 @@ def summary_line(record: dict) -> str:
                  + ' '.join(f'{a:.2f}' for a in held['token_accuracy'])
                  + f', action L1 {held["action_l1"]:.4f}')
     return line
-
-
-@contextmanager
-def torch_threads(threads: int | None):
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def train_policy(config: TrainPolicyConfig) -> dict:
@@ -945,7 +864,7 @@ def train_policy(config: TrainPolicyConfig) -> dict:
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f'device {device} requested but CUDA is not available here')
     with torch_threads(config.threads), tempfile.TemporaryDirectory(prefix='rsd-bc-') as tmp:
-        run, resume_from = prepare(config, Path(tmp))
+        run, resume_from = prepare(config)
         try:
             return _train_and_save(run, resume_from, device, Path(tmp))
         finally:
@@ -992,8 +911,9 @@ def _train_and_save(run: Run, resume_from: Path | None, device: torch.device,
         model.backbone.activation_checkpointing_disable()
     model.eval()
     metrics = final_metrics(run, train_pool, held_pool)
-    weights = save_bundle(model.cpu().float(), run.tokenizer, run.out, run.action_names,
-                          run.control_period, provenance(run, metrics))
+    weights = write_bundle(model.cpu().float(), run.tokenizer, run.out, run.action_names,
+                           run.control_period, provenance(run, metrics))
+    make_readable(run.out)
     metrics['weights_sha256'] = weights
     logger.info('bundle written to %s (weights %s)', run.out, weights[:12])
     if config.distill_draft:
@@ -1002,6 +922,7 @@ def _train_and_save(run: Run, resume_from: Path | None, device: torch.device,
 
 
 def final_metrics(run: Run, train_pool: np.ndarray, held_pool: np.ndarray) -> dict:
+    """Metrics of a finished run: history, last evaluation, sample counts, baselines."""
     last = run.history[-1] if run.history else {}
     seconds = run.step_seconds
     metrics = {'steps': run.step, 'history': run.history,
@@ -1016,12 +937,13 @@ def final_metrics(run: Run, train_pool: np.ndarray, held_pool: np.ndarray) -> di
 
 
 def provenance(run: Run, metrics: dict) -> dict:
+    """The bundle manifest's provenance: model source, seed, settings, demos, metrics."""
     config = run.config
     settings = {k: getattr(config, k) for k in (
         'steps', 'batch_size', 'grad_accum', 'lr', 'weight_decay', 'warmup_steps', 'grad_clip',
         'dtype', 'heldout_fraction', 'augment', 'freeze_vision')}
-    return {**run.source, 'seed': config.seed,
-            'training': settings,
+    return {'weights': 'behaviour cloning (rsd train-policy)', **run.source,
+            'seed': config.seed, 'training': settings,
             'demos': run.demos,
             'action_tokenizer': {'path': config.tokenizer or 'fitted on the training episodes',
                                  'source': run.tokenizer.training_info.get('source')},
@@ -1113,6 +1035,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainPolicyConfig:
+    """The run settings of parsed CLI arguments (ValueError for --init with --preset)."""
     if args.init and args.preset:
         raise ValueError('--preset builds a new model, --init fine-tunes an existing bundle: '
                          'give one of them')

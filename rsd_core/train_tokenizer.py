@@ -17,11 +17,11 @@ from pathlib import Path
 import sys
 import time
 
-import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from rsd_core.demos import episode_actions, episode_chunks, find_demo_files
 from rsd_core.normalization import MODES, ActionNormalizer
 from rsd_core.tokenizer import ActionTokenizer, TokenizerConfig
 
@@ -59,50 +59,6 @@ def synthetic_chunks(n: int, seed: int = 0, chunk_len: int = 8) -> np.ndarray:
     return np.clip(chunks, -1.0, 1.0).astype(np.float32)
 
 
-def _demo_files(paths: list[str | Path]) -> list[Path]:
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix in ('.hdf5', '.h5'))
-            if not found:
-                raise ValueError(f'{path}: directory holds no .hdf5 / .h5 files')
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise ValueError(f'{path}: no such file or directory')
-    return files
-
-
-def _episode_actions(path: Path, action_dim: int) -> list[np.ndarray]:
-    """The `data/demo_i/actions` arrays [N, A] of one LIBERO HDF5 file, in demo order."""
-    try:
-        stream = h5py.File(path, 'r')
-    except OSError as exc:
-        raise ValueError(f'{path}: not a readable HDF5 file ({exc})') from exc
-    with stream:
-        data = stream.get('data')
-        if not isinstance(data, h5py.Group):
-            raise ValueError(f'{path}: no "data" group (expected LIBERO layout '
-                             'data/demo_<i>/actions)')
-        names = sorted((k for k in data if k.startswith('demo_')),
-                       key=lambda k: (len(k), k))  # demo_2 before demo_10
-        episodes = []
-        for name in names:
-            if 'actions' not in data[name]:
-                raise ValueError(f'{path}: data/{name} has no "actions" dataset')
-            actions = np.asarray(data[name]['actions'], dtype=np.float32)
-            if actions.ndim != 2 or actions.shape[1] != action_dim or not len(actions):
-                raise ValueError(f'{path}: data/{name}/actions has shape {list(actions.shape)}, '
-                                 f'expected [N >= 1, {action_dim}]')
-            if not np.isfinite(actions).all():
-                raise ValueError(f'{path}: data/{name}/actions holds NaN or Inf')
-            episodes.append(actions)
-    if not episodes:
-        raise ValueError(f'{path}: no data/demo_<i> groups')
-    return episodes
-
-
 def load_demo_chunks(paths: list[str | Path], chunk_len: int = 8,
                      action_dim: int = 7) -> np.ndarray:
     """Action chunks [n, chunk_len, action_dim] float32 from LIBERO HDF5 demos.
@@ -112,11 +68,8 @@ def load_demo_chunks(paths: list[str | Path], chunk_len: int = 8,
     episode of N steps gives N chunks. Chunks keep file / demo / step order.
     """
     chunks = []
-    for path in _demo_files(paths):
-        for actions in _episode_actions(path, action_dim):
-            padded = np.concatenate([actions, np.repeat(actions[-1:], chunk_len - 1, axis=0)])
-            windows = np.lib.stride_tricks.sliding_window_view(padded, chunk_len, axis=0)
-            chunks.append(windows.transpose(0, 2, 1))  # [N, A, T] -> [N, T, A]
+    for path in find_demo_files(paths):
+        chunks += [episode_chunks(a, chunk_len) for a in episode_actions(path, action_dim)]
     result = np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
     logger.info('loaded %d chunks from %d episodes', len(result), len(chunks))
     return result
@@ -200,7 +153,7 @@ def fit_tokenizer(chunks: np.ndarray, config: TokenizerConfig | None = None,
     train, held = chunks[:-n_held], chunks[-n_held:]
     normalizer = ActionNormalizer.fit(train.reshape(-1, config.action_dim), mode=norm)
     started = time.perf_counter()
-    with torch.random.fork_rng(devices=[]), _torch_threads(num_threads):
+    with torch.random.fork_rng(devices=[]), torch_threads(num_threads):
         torch.manual_seed(seed)
         tokenizer = ActionTokenizer(config, normalizer).to(device)
         losses = _train(tokenizer, train, steps, seed, progress, batch_size, lr)
@@ -220,7 +173,8 @@ def fit_tokenizer(chunks: np.ndarray, config: TokenizerConfig | None = None,
 
 
 @contextmanager
-def _torch_threads(num_threads: int | None) -> Iterator[None]:
+def torch_threads(num_threads: int | None) -> Iterator[None]:
+    """Use `num_threads` torch CPU threads inside the block (None: leave the setting alone)."""
     previous = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)

@@ -76,7 +76,8 @@ class ExpertNode(Node):
         self.declare_parameter('suite', 'libero_spatial', ParameterDescriptor(
             description='LIBERO suite whose task language the instruction is', read_only=True))
         self.declare_parameter('control_period', 0.05, ParameterDescriptor(
-            description='s between chunk points (time_from_start = (i + 1) x period)', read_only=True))
+            description='s between chunk points (time_from_start = (i + 1) x period)',
+            read_only=True))
         self.declare_parameter('action_names', DEFAULT_ACTION_NAMES, ParameterDescriptor(
             description='joint_names of action_chunk, one per action dimension', read_only=True))
         self.declare_parameter('frame_id', '', ParameterDescriptor(

@@ -405,7 +405,7 @@ def test_load_demo_chunks(tmp_path):
 
 
 def test_load_demo_chunks_rejects_bad_files(tmp_path):
-    with pytest.raises(ValueError, match='no such file or directory'):
+    with pytest.raises(ValueError, match='no such demo file or directory'):
         load_demo_chunks([tmp_path / 'missing.hdf5'])
     (tmp_path / 'text.hdf5').write_text('not hdf5')
     with pytest.raises(ValueError, match='not a readable HDF5 file'):
