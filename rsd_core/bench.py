@@ -19,6 +19,7 @@ import torch
 
 from rsd_core.engine import RSDEngine
 from rsd_core.stats import PHASES, StatsAggregator
+from rsd_core.train_tokenizer import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ INSTRUCTIONS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `rsd bench` options."""
     parser.add_argument('--model', default=None,
                         help='main model bundle directory (default: the default bundle)')
     parser.add_argument('--draft', default=None,
@@ -148,10 +150,19 @@ def cost_model(summaries: dict[str, dict], num_layers: int, k: int) -> dict:
 
 
 def bench(args: argparse.Namespace) -> dict:
+    """Run every input in every mode (see the module docstring); return the JSON-ready result.
+
+    Latencies in ms, deviations in action units, bandwidth in GB/s. `args.threads` (torch CPU
+    threads) applies only while the benchmark runs; the previous setting is restored.
+    """
     if args.num_inputs < 1 or args.warmup < 0:
         raise ValueError('--num-inputs must be >= 1 and --warmup >= 0')
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    with torch_threads(args.threads or None):
+        return _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> dict:
+    """`bench` at the current torch thread setting."""
     config = {'tolerance': args.tolerance}
     if args.num_proposals is not None:
         config['num_proposals'] = args.num_proposals
@@ -198,6 +209,7 @@ def bench(args: argparse.Namespace) -> dict:
 
 
 def fmt(value: float | None, spec: str = '.1f') -> str:
+    """`value` formatted with `spec`, or '-' when it is None (a phase or rate not measured)."""
     return '-' if value is None else format(value, spec)
 
 
@@ -271,6 +283,7 @@ def plot(result: dict, path: str | Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`rsd bench`: print the table (or JSON), write the chart; exit 2 on bad input."""
     try:
         result = bench(args)
     except (ValueError, FileNotFoundError) as exc:

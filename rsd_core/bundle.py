@@ -67,6 +67,7 @@ class BackbonePreset:
 
     @property
     def num_image_tokens(self) -> int:
+        """Vision patches per image, (image_size // patch_size) ** 2."""
         return (self.image_size // self.patch_size) ** 2
 
 
@@ -288,6 +289,7 @@ def make_test_bundle(directory: str | Path, seed: int = 0) -> Path:
 # ---------------------------------------------------------------- rsd build-default
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `rsd build-default` options."""
     parser.add_argument('--out', default=None,
                         help='bundle directory (default: $RSD_MODEL_DIR, the colcon share dir, '
                              'or <repo>/models/default)')
@@ -310,6 +312,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`rsd build-default`: build the bundle in a staging directory, then swap it in; exit 1
+    on failure."""
     out_dir = Path(args.out).expanduser() if args.out else default_bundle_dir()
     problems = bundle_problems(out_dir)
     if args.if_missing and not problems:

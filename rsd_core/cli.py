@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The top-level `rsd` parser: -v and one subcommand per COMMANDS entry (options parsed
+    later by the command's own parser)."""
     parser = argparse.ArgumentParser(prog='rsd', description=__doc__.splitlines()[0])
     parser.add_argument('-v', '--verbose', action='store_true', help='debug logging')
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
@@ -35,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `rsd COMMAND ...` (argv without the program name; sys.argv when None); return the
+    command's exit status."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, _ = parser.parse_known_args(argv)

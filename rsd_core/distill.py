@@ -332,17 +332,22 @@ def mode_baseline(train_tokens: torch.Tensor, held_tokens: torch.Tensor, levels:
     return acceptance_metrics(guess, held_tokens)
 
 
+def learning_rate(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Learning rate at optimizer step `step` (0-based): linear warm-up to `lr` over `warmup`
+    steps, then cosine decay to 0 at `steps` (0 after)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
                     warmup_frac: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """`learning_rate` as a LambdaLR factor of the optimizer's lr: warm-up over `warmup_frac`
+    of `total_steps` (at least one step), cosine decay to 0 at `total_steps`."""
     warmup = max(1, round(warmup_frac * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate(step, total_steps, 1.0, warmup))
 
 
 def train_draft(recording: Recording, config: DraftConfig, train: TrainConfig, seed: int = 0,
@@ -478,6 +483,8 @@ def distill_draft(main_dir: str | Path, observations_dir: str | Path, out_dir: s
 
 
 def summary_line(metrics: dict) -> str:
+    """Held-out token accuracy and exact-layer match per proposal layer, and mean accepted
+    layers, of distillation metrics as one line."""
     held = metrics['held_out']
     return ('held-out token accuracy ' + ' '.join(f'{a:.3f}' for a in held['token_accuracy'])
             + ', exact-layer match ' + ' '.join(f'{a:.3f}' for a in held['exact_match'])
@@ -507,6 +514,7 @@ def format_report(metrics: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `rsd train-draft` options."""
     parser.add_argument('--model', default=None,
                         help='main model bundle directory (default: the default bundle)')
     parser.add_argument('--observations', required=True,
@@ -529,6 +537,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`rsd train-draft`: distil and save the draft, print the report; exit 1 on failure."""
     from rsd_core.bundle import default_bundle_dir
 
     model_dir = Path(args.model) if args.model else default_bundle_dir()

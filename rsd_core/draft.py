@@ -109,6 +109,7 @@ class DraftModel(nn.Module):
 
     @property
     def num_proposals(self) -> int:
+        """K, the layers (1..K) the draft proposes."""
         return self.config.num_proposals
 
     def forward(self, h0: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,7 @@ class EngineConfig:
 
 
 def check_finite(logits: torch.Tensor, where: str) -> torch.Tensor:
+    """`logits` unchanged (any shape); NonFiniteLogitsError naming `where` if any is NaN/Inf."""
     if not bool(torch.isfinite(logits).all()):
         raise NonFiniteLogitsError(
             f'{where} produced non-finite logits (NaN/Inf) in {logits.dtype}; refusing to '
@@ -85,6 +86,7 @@ def check_finite(logits: torch.Tensor, where: str) -> torch.Tensor:
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """Most likely level of every code: logits [..., C, V] -> codes [..., C] (long)."""
     return logits.argmax(dim=-1)                                  # [..., C, V] -> [..., C]
 
 
@@ -153,6 +155,7 @@ def speculative_decode(main: MainModel, draft: DraftModel, cache: Cache, h0: tor
 
 
 def check_instruction(instruction: Any) -> None:
+    """ValueError unless `instruction` is a string with some non-whitespace text."""
     if not isinstance(instruction, str) or not instruction.strip():
         raise ValueError(f'instruction must be a non-empty string, got {instruction!r}')
 
@@ -217,6 +220,7 @@ class RSDEngine:
 
     @property
     def config(self) -> EngineConfig:
+        """The current (immutable) configuration."""
         return self._config
 
     def update_config(self, **changes: Any) -> EngineConfig:
@@ -291,6 +295,7 @@ class RSDEngine:
 
     @property
     def device(self) -> torch.device:
+        """The device the main model (and so every input) is on."""
         return self.main.device
 
     def _inputs(self, image: np.ndarray, instruction: str) -> dict:

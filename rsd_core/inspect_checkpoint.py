@@ -34,6 +34,8 @@ PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt', '.pkl')
 
 @dataclass
 class TensorInfo:
+    """One tensor of a safetensors file: name, shape, dtype name ('float32'), all finite."""
+
     name: str
     shape: list[int]
     dtype: str
@@ -57,19 +59,24 @@ class Component:
 
 @dataclass
 class Report:
+    """What `inspect_path` found: the inspected path, its kind and its components."""
+
     path: str
     kind: str
     components: list[Component] = field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:
+        """Every component's problems, 'component: problem' (empty: usable)."""
         return [f'{c.name}: {p}' for c in self.components for p in c.problems]
 
     @property
     def warnings(self) -> list[str]:
+        """Every component's warnings, 'component: warning'."""
         return [f'{c.name}: {w}' for c in self.components for w in c.warnings]
 
     def to_dict(self) -> dict:
+        """The `--json` form: usable, problems, warnings and every component as a dict."""
         return {'path': self.path, 'kind': self.kind, 'usable': not self.problems,
                 'problems': self.problems, 'warnings': self.warnings,
                 'components': [asdict(c) for c in self.components]}
@@ -112,6 +119,9 @@ def scan_safetensors(path: Path, component: Component,
 
 
 def read_manifest(path: Path, expected: str, component: Component) -> dict | None:
+    """The JSON manifest at `path` if its format is `expected`, recording format and version
+    in `component`; None when it is missing, not JSON or of another format (the reason goes to
+    component.problems)."""
     try:
         manifest = load_manifest(path, expected)
     except CheckpointError as exc:
@@ -375,7 +385,7 @@ def format_report(report: Report, max_tensors: int | None = None) -> str:
     return '\n'.join(lines)
 
 
-def fact_lines(key: str, value, indent: str = '  ') -> list[str]:
+def fact_lines(key: str, value: object, indent: str = '  ') -> list[str]:
     """`key: value` lines; dicts one level deep get a line per item, metrics a summary."""
     if key == 'metrics' and isinstance(value, dict):
         return [f'{indent}{key}: {metrics_text(value)}']
@@ -396,7 +406,9 @@ def metrics_text(metrics: dict) -> str:
             f'{fact_text(held.get("mean_accepted_layers"))}')
 
 
-def fact_text(value) -> str:
+def fact_text(value: object) -> str:
+    """A manifest value as short text: dicts as k=v, floats to 4 significant digits, float
+    lists to 3 decimals."""
     if isinstance(value, dict):
         return ', '.join(f'{k}={fact_text(v)}' for k, v in value.items())
     if isinstance(value, float):
@@ -407,6 +419,7 @@ def fact_text(value) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `rsd inspect` options."""
     parser.add_argument('path', help='bundle, draft or tokenizer directory, or one file')
     parser.add_argument('--main', default=None,
                         help='main bundle to check a draft against (hidden size, provenance)')
@@ -418,6 +431,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`rsd inspect`: print the report; exit 1 if unusable (or, with --strict, warned)."""
     main, problem = main_reference(Path(args.main) if args.main else None)
     report = inspect_path(args.path, main)
     if problem:

@@ -60,6 +60,7 @@ class RFSQHead(nn.Module):
         self.proj = nn.Linear(hidden_size, codes_per_layer * levels)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] -> logits [..., C, V]."""
         logits = self.proj(hidden)  # [..., C * V]
         return logits.unflatten(-1, (self.codes_per_layer, self.levels))  # [..., C, V]
 
@@ -79,6 +80,7 @@ class LayerEmbedding(nn.Module):
         self.layer = nn.Embedding(num_layers, hidden_size)
 
     def forward(self, codes: torch.Tensor, first_layer: int) -> torch.Tensor:
+        """codes [B, k, C] of layers first_layer.. -> embeddings [B, k, H]."""
         one_hot = F.one_hot(codes, self.levels).to(self.codes.weight.dtype)  # [B, k, C, V]
         x = self.codes(one_hot.flatten(-2))  # [B, k, H]
         layers = torch.arange(first_layer, first_layer + codes.shape[1], device=codes.device)
@@ -116,10 +118,12 @@ class MainModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the weights."""
         return self.rfsq_head.proj.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the weights."""
         return self.rfsq_head.proj.weight.dtype
 
     # -- inference ---------------------------------------------------------------------------

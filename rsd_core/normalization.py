@@ -54,6 +54,7 @@ class ActionNormalizer(nn.Module):
 
     @property
     def action_dim(self) -> int:
+        """A, the number of action dimensions."""
         return int(self.get_buffer(STAT_KEYS[self.mode][0]).numel())
 
     @classmethod
@@ -119,4 +120,5 @@ class ActionNormalizer(nn.Module):
         return torch.nonzero(~self._affine()[2]).flatten().tolist()
 
     def extra_repr(self) -> str:
+        """Mode and action dim, for the module's repr."""
         return f'mode={self.mode!r}, action_dim={self.action_dim}'

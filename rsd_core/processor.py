@@ -11,10 +11,14 @@ projected vision features.
 from importlib import resources
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # transformers is imported lazily at run time
+    from transformers import LlavaConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +37,7 @@ def instruction_vocabulary() -> list[str]:
     return [w for w in dict.fromkeys(words) if w and not w.startswith('#')]
 
 
-def build_text_tokenizer(words: list[str] | None = None):
+def build_text_tokenizer(words: list[str] | None = None) -> 'PreTrainedTokenizerFast':
     """A word-level transformers fast tokenizer: special tokens first, then `words`.
 
     Text is NFKC-normalised and lower-cased, split on whitespace, then every punctuation mark
@@ -53,7 +57,7 @@ def build_text_tokenizer(words: list[str] | None = None):
                                    extra_special_tokens={'image_token': IMAGE})
 
 
-def load_text_tokenizer(backbone_dir: str | Path):
+def load_text_tokenizer(backbone_dir: str | Path) -> 'PreTrainedTokenizerBase':
     """Load the tokenizer saved in a backbone directory (never from a hub)."""
     from transformers import AutoTokenizer
 
@@ -67,8 +71,8 @@ class PromptProcessor:
     normalised with CLIP's mean/std.
     """
 
-    def __init__(self, tokenizer, image_size: int, num_image_tokens: int,
-                 prompt_template: str = PROMPT_TEMPLATE):
+    def __init__(self, tokenizer: 'PreTrainedTokenizerBase', image_size: int,
+                 num_image_tokens: int, prompt_template: str = PROMPT_TEMPLATE) -> None:
         if '{instruction}' not in prompt_template:
             raise ValueError(f'prompt template {prompt_template!r} has no {{instruction}} field')
         self.tokenizer = tokenizer
@@ -83,7 +87,7 @@ class PromptProcessor:
         self._warned: set[str] = set()
 
     @classmethod
-    def from_backbone(cls, backbone_dir: str | Path, config=None,
+    def from_backbone(cls, backbone_dir: str | Path, config: 'LlavaConfig | None' = None,
                       prompt_template: str = PROMPT_TEMPLATE) -> 'PromptProcessor':
         """The processor of a LLaVA backbone directory: its tokenizer, image size and number
         of image tokens (config: its LlavaConfig, read from the directory when None)."""
@@ -112,6 +116,7 @@ class PromptProcessor:
 
     @property
     def vocab_size(self) -> int:
+        """Number of text tokens, special tokens included."""
         return len(self.tokenizer)
 
     def __call__(self, images: list[np.ndarray], instructions: list[str]) -> dict:

@@ -56,10 +56,12 @@ class StatsAggregator:
         self._lock = threading.Lock()
 
     def add(self, stats: ChunkStats) -> None:
+        """Append one chunk's stats (the oldest drops out of a full window)."""
         with self._lock:
             self._chunks.append(stats)
 
     def reset(self) -> None:
+        """Forget every chunk."""
         with self._lock:
             self._chunks.clear()
 

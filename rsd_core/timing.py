@@ -65,6 +65,7 @@ class PhaseTimer:
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        """Time the block as one run of phase `name`."""
         start = self.clock.mark()
         try:
             yield

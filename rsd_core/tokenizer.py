@@ -86,6 +86,7 @@ class TokenizerConfig:
         return self.chunk_len * self.latent_dim
 
     def to_dict(self) -> dict:
+        """Plain JSON-serialisable dict (the manifest's config)."""
         return asdict(self)
 
     @classmethod
@@ -124,6 +125,7 @@ class LinearMLP(nn.Module):
                                  nn.GELU(), nn.Linear(hidden, d_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d_in] -> [..., d_out]."""
         return self.linear(x) + self.mlp(x)
 
 
@@ -190,10 +192,12 @@ class ActionTokenizer(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the weights."""
         return self.encoder.linear.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the weights."""
         return self.encoder.linear.weight.dtype
 
     # -- building blocks, on normalised chunks -------------------------------------------------

@@ -92,6 +92,8 @@ from rsd_core.demos import (
     open_demo_file,
     read_actions,
 )
+from rsd_core.distill import distill_draft, learning_rate
+from rsd_core.distill import summary_line as draft_summary
 from rsd_core.main_model import MainModel
 from rsd_core.tokenizer import (
     ActionTokenizer,
@@ -191,6 +193,7 @@ class Episode:
 
     @property
     def length(self) -> int:
+        """N, the number of steps (actions) in the episode."""
         return len(self.actions)
 
 
@@ -309,6 +312,7 @@ class FrameReader:
         return image
 
     def close(self) -> None:
+        """Close the open HDF5 files."""
         for stream in self._files.values():
             stream.close()
         self._files.clear()
@@ -377,6 +381,7 @@ class DemoData:
         return len(self.t)
 
     def samples_of(self, episode_indices: list[int]) -> np.ndarray:
+        """Sample indices [m] of the given episodes, in sample order."""
         return np.flatnonzero(np.isin(self.episode, episode_indices))
 
     def batch(self, indices: np.ndarray, generator: torch.Generator | None = None,
@@ -517,14 +522,6 @@ def baselines(tokenizer: ActionTokenizer, data: DemoData, train: np.ndarray,
 
 
 # ---------------------------------------------------------------- optimisation
-
-def learning_rate(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `steps`."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
 
 def trainable(model: MainModel) -> dict[str, torch.nn.Parameter]:
     """Parameters that train, by name (tied weights once)."""
@@ -952,9 +949,6 @@ def provenance(run: Run, metrics: dict) -> dict:
 
 def distill(run: Run, observations: Path) -> dict:
     """Distil the default draft into <out>/draft on frames of the demos."""
-    from rsd_core.distill import distill_draft
-    from rsd_core.distill import summary_line as draft_summary
-
     config = run.config
     rng = np.random.default_rng([config.seed, 2])
     total = len(run.data)
@@ -971,6 +965,7 @@ def distill(run: Run, observations: Path) -> dict:
 # ---------------------------------------------------------------- command line
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `rsd train-policy` options."""
     defaults = TrainPolicyConfig(demos=[], out='')
     parser.add_argument('--demos', nargs='+', required=True, metavar='PATH',
                         help='LIBERO HDF5 demo files, or directories of them')
@@ -1065,13 +1060,12 @@ def format_report(metrics: dict) -> str:
                      f'baseline {base["mean_chunk_l1"]:.4f}; tokenizer floor '
                      f'{base["tokenizer_floor_l1"]:.4f} (action units)')
     if 'draft' in metrics:
-        from rsd_core.distill import summary_line as draft_summary
-
         lines.append(f'draft: {draft_summary(metrics["draft"])}')
     return '\n'.join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
+    """`rsd train-policy`: train, save the bundle, print the report; exit 1 on failure."""
     try:
         metrics = train_policy(config_from_args(args))
     except (ValueError, RuntimeError, OSError) as exc:

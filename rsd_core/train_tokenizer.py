@@ -214,6 +214,7 @@ def _train(tokenizer: ActionTokenizer, train: np.ndarray, steps: int, seed: int,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `rsd train-tokenizer` options."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument('--demos', nargs='+', metavar='PATH',
                         help='LIBERO HDF5 demo files, or directories of them')
@@ -231,6 +232,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`rsd train-tokenizer`: fit, save, print held-out reconstruction; exit 1 on bad input."""
     try:
         if args.demos:
             chunks, source = load_demo_chunks(args.demos), f'demos: {", ".join(args.demos)}'

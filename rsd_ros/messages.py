@@ -182,6 +182,7 @@ def inference_status(name: str, hardware_id: str, level: bytes, message: str,
 
 
 def diagnostic_array(stamp: Time, statuses: Sequence[DiagnosticStatus]) -> DiagnosticArray:
+    """A DiagnosticArray of `statuses` stamped `stamp`."""
     msg = DiagnosticArray(status=list(statuses))
     msg.header.stamp = stamp
     return msg

@@ -68,6 +68,7 @@ class Camera(Node):
 
 
 def spin_until(executor: SingleThreadedExecutor, done, timeout: float) -> bool:
+    """Spin until `done()` is true; False if `timeout` seconds pass first."""
     deadline = time.monotonic() + timeout
     while not done():
         if time.monotonic() > deadline:
@@ -77,11 +78,13 @@ def spin_until(executor: SingleThreadedExecutor, done, timeout: float) -> bool:
 
 
 def policy_parameters(args: argparse.Namespace) -> dict:
+    """ROS parameters of the measured policy node (image age check off)."""
     return {'model_dir': args.model_dir, 'draft_dir': args.draft_dir, 'dtype': args.dtype,
             'max_image_age': 0.0}
 
 
 def start_subprocess(args: argparse.Namespace) -> subprocess.Popen:
+    """The policy node as `python -m rsd_ros.policy_node` in the namespace."""
     command = [sys.executable, '-m', 'rsd_ros.policy_node', '--ros-args',
                '-r', f'__ns:={args.namespace}']
     for name, value in policy_parameters(args).items():
@@ -111,6 +114,7 @@ def start_in_process(args: argparse.Namespace):
 
 
 def frame(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A random [size, size, 3] uint8 RGB image."""
     return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)   # [size, size, 3] RGB
 
 
@@ -146,6 +150,7 @@ def measure(camera: Camera, executor: SingleThreadedExecutor, args: argparse.Nam
 
 
 def report(rows: list[tuple[float, float, dict]]) -> None:
+    """Print p50/p90 (ms) of latency, engine time and each part of the ROS overhead."""
     latency = np.asarray([r[0] for r in rows])
     total = np.asarray([r[1] for r in rows])
     node = {key: np.asarray([r[2][key] for r in rows])
@@ -167,6 +172,7 @@ def report(rows: list[tuple[float, float, dict]]) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The overhead tool's options."""
     parser.add_argument('--frames', type=int, default=50, help='measured frames')
     parser.add_argument('--warmup', type=int, default=3, help='frames not measured')
     parser.add_argument('--size', type=int, default=224, help='image side, px')
@@ -183,6 +189,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Measure and print the overhead (test bundle built first if asked); 1 if no policy
+    answered."""
     with tempfile.TemporaryDirectory() as tmp:
         if args.test_bundle:
             from rsd_core.bundle import make_test_bundle
@@ -224,6 +232,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
+    """Entry point of `python -m rsd_ros.overhead` (discovery kept to localhost)."""
     os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
     parser = argparse.ArgumentParser(prog='python -m rsd_ros.overhead',
                                      description=__doc__.splitlines()[0])

@@ -495,6 +495,7 @@ class PolicyNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
+    """Spin the rsd_policy node until shutdown (args: ROS command line arguments)."""
     try:
         with rclpy.init(args=args):
             node = PolicyNode()

@@ -9,4 +9,4 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/ros_env.sh"
 cd "$ROOT"
 exec "$ROOT/.venv/bin/rsd" eval-libero --suite libero_spatial --tasks 0 1 --trials 1 \
-  --policy rsd --out results/demo "$@"
+  --policy rsd --video --out results/demo "$@"

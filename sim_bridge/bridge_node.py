@@ -99,10 +99,12 @@ PARAMETERS = {
 
 
 def time_msg(stamp_ns: int) -> Time:
+    """Nanoseconds -> builtin_interfaces Time."""
     return Time(sec=stamp_ns // 1_000_000_000, nanosec=stamp_ns % 1_000_000_000)
 
 
 def stamp_ns_of(stamp: Time) -> int:
+    """builtin_interfaces Time -> nanoseconds."""
     return stamp.sec * 1_000_000_000 + stamp.nanosec
 
 
@@ -260,9 +262,11 @@ class LiberoBridge(Node):
     # --- simulator thread ---------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the simulator thread."""
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Ask the simulator thread to stop and wait for it (at most `timeout` s)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -578,6 +582,8 @@ class LiberoBridge(Node):
 
 
 def main(args: list[str] | None = None) -> int:
+    """Run the libero_bridge node until its episodes are done; its exit code (2: bad
+    parameters)."""
     try:
         with rclpy.init(args=args):
             try:

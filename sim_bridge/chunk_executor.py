@@ -119,6 +119,7 @@ class Counters:
     latencies: list[float] = field(default_factory=list)  # s, per accepted chunk
 
     def as_dict(self) -> dict:
+        """The counters as a plain dict (latencies left out)."""
         return {key: value for key, value in self.__dict__.items() if key != 'latencies'}
 
 
@@ -139,6 +140,8 @@ class LockstepExecutor:
         self._plan: list[tuple[np.ndarray, bool]] = []   # (action [A], is_hold)
 
     def expect(self, stamp_ns: int, new_observation: bool = True) -> None:
+        """Await an answer to the observation stamped `stamp_ns` (ns); a new
+        observation forgets the earlier stamps and the remaining plan."""
         if new_observation:
             self._awaited.clear()
             self._plan.clear()
@@ -146,6 +149,7 @@ class LockstepExecutor:
 
     @property
     def awaiting(self) -> bool:
+        """True while no chunk has answered the awaited observation."""
         return bool(self._awaited)
 
     def offer(self, msg: ChunkMessage) -> bool:
@@ -203,6 +207,7 @@ class RealtimeExecutor:
 
     @property
     def current(self) -> Chunk | None:
+        """The chunk being executed (None before the first valid one)."""
         return self._chunk
 
     def offer(self, msg: ChunkMessage, observed_at_ns: int | None = None) -> bool:

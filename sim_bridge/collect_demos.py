@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `rsd collect-demos` options."""
     parser.add_argument('--suite', default='libero_spatial',
                         help='LIBERO suite (the expert knows libero_spatial)')
     parser.add_argument('--tasks', type=int, nargs='+', default=None,
@@ -93,6 +94,7 @@ class Episode:
 
     @property
     def steps(self) -> int:
+        """Number of control steps recorded."""
         return len(self.actions)
 
 
@@ -140,6 +142,7 @@ def rollout(task: LiberoTask, expert: SpatialExpert, init_state: int, max_steps:
 
 
 def demo_path(out: Path, task: LiberoTask) -> Path:
+    """The HDF5 file of a task's demos in `out`."""
     return out / f'{task.task_name}_demo.hdf5'
 
 
@@ -226,6 +229,9 @@ def write_demo(hdf5, episode: Episode, init_state: np.ndarray, seed: int) -> str
 
 @dataclass
 class TaskSummary:
+    """Demo collection of one task: episodes kept, failed, skipped (already written),
+    steps and wall-clock seconds of each episode run."""
+
     task_id: int
     name: str
     kept: int = 0
@@ -275,6 +281,7 @@ def collect_task(task: LiberoTask, init_states: list[int] | None, out: Path, max
 
 
 def print_summary(summaries: list[TaskSummary]) -> None:
+    """Print one line per task and the totals."""
     print(f'{"task":>4}  {"kept":>4}  {"failed":>6}  {"skipped":>7}  {"steps":>6}  '
           f'{"s/ep":>5}  name')
     for s in summaries:
@@ -289,6 +296,7 @@ def print_summary(summaries: list[TaskSummary]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`rsd collect-demos`: collect every task, print the summary; exit 2 on bad input."""
     from tqdm import tqdm
 
     try:

@@ -42,6 +42,7 @@ class InfrastructureError(RuntimeError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `rsd eval-libero` options."""
     parser.add_argument('--suite', default='libero_spatial', help='LIBERO suite')
     parser.add_argument('--tasks', type=int, nargs='+', default=None,
                         help='task indices (default: every task of the suite)')
@@ -120,6 +121,8 @@ def pick_domain_id(rng: random.Random | None = None) -> int:
 
 
 def child_environment(domain_id: int) -> dict[str, str]:
+    """Environment of the policy and bridge processes: ROS domain `domain_id`,
+    localhost discovery, FastDDS, EGL rendering, unbuffered output."""
     env = dict(os.environ)
     env['ROS_DOMAIN_ID'] = str(domain_id)
     env.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
@@ -152,6 +155,7 @@ class Child:
 
     @classmethod
     def start(cls, name: str, argv: list[str], env: dict[str, str], log: Path) -> 'Child':
+        """Start `argv` in its own session, output to `log`."""
         log.parent.mkdir(parents=True, exist_ok=True)
         logger.debug('starting %s: %s', name, shlex.join(argv))
         with open(log, 'w') as stream:
@@ -160,6 +164,7 @@ class Child:
         return cls(name, process, log)
 
     def exited(self) -> int | None:
+        """The exit code, or None while it runs."""
         return self.process.poll()
 
     def stop(self, timeout: float = 15.0) -> int:
@@ -177,6 +182,7 @@ class Child:
         return self.process.returncode
 
     def tail(self, lines: int = 15) -> str:
+        """The last `lines` lines of the log, indented."""
         try:
             text = self.log.read_text(errors='replace').splitlines()
         except OSError:
@@ -185,6 +191,8 @@ class Child:
 
 
 def policy_command(args: argparse.Namespace) -> list[str]:
+    """The policy process's command line (--policy-command, or the chosen policy's
+    console script with its ROS parameters)."""
     if args.policy_command:
         return shlex.split(args.policy_command)
     script = console_script(POLICY_SCRIPTS[args.policy])
@@ -201,6 +209,7 @@ def policy_command(args: argparse.Namespace) -> list[str]:
 
 def bridge_command(args: argparse.Namespace, task_id: int, results: Path,
                    video: Path | None) -> list[str]:
+    """The libero_bridge command line for one task, results to `results`."""
     params = {
         'suite': args.suite, 'task_id': task_id, 'init_state': args.init_state,
         'seed': args.seed, 'mode': 'realtime' if args.realtime else 'lockstep',
@@ -222,6 +231,7 @@ class ResultsFollower:
         self.offset = 0
 
     def new_records(self) -> list[dict]:
+        """The JSON records of the lines completed since the last call."""
         if not self.path.exists():
             return []
         with open(self.path) as stream:
@@ -295,6 +305,7 @@ def _cell(value, fmt: str = '{:.1f}') -> str:
 
 
 def markdown_table(summary: dict) -> str:
+    """The summary as a markdown report: settings, then one row per task."""
     config = summary['config']
     lines = [
         f"# LIBERO evaluation: {config['suite']}, policy {config['policy']}, {config['mode']}",
@@ -401,6 +412,8 @@ def run_task(args, task_id: int, policy: Child, env: dict, out: Path, follower, 
 
 
 def run(args: argparse.Namespace) -> int:
+    """`rsd eval-libero`: evaluate every task, write and print the summary; exit 0, 1 on an
+    infrastructure failure, 2 on bad input, 130 when interrupted."""
     from tqdm import tqdm
 
     try:

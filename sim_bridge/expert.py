@@ -71,6 +71,9 @@ ROBOT_BASE = np.array([-0.66, 0.0, 0.912])
 
 
 class Phase(enum.Enum):
+    """Phases of the expert: SETTLE through RETREAT in pick-and-place order, RECOVER
+    (back off after a failed descent or a slipped bowl, then retry), DONE."""
+
     SETTLE = 'settle'
     APPROACH = 'approach'
     DESCEND = 'descend'
@@ -104,6 +107,7 @@ class SceneState:
         return np.array(self.poses[name][:3], dtype=np.float64)
 
     def rotation(self, name: str) -> np.ndarray:
+        """Rotation matrix [3, 3] of object `name`."""
         return quat_to_matrix(self.poses[name][3:7])
 
     @classmethod
@@ -161,6 +165,7 @@ def quat_to_matrix(quat) -> np.ndarray:
 
 
 def rot_z(angle: float) -> np.ndarray:
+    """Rotation matrix [3, 3] of `angle` rad about z."""
     c, s = np.cos(angle), np.sin(angle)
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
@@ -197,6 +202,7 @@ def hand_yaw(rotation: np.ndarray) -> float:
 
 
 def wrap_angle(angle):
+    """Angle(s) in rad wrapped to [-pi, pi)."""
     return (np.asarray(angle) + np.pi) % (2 * np.pi) - np.pi
 
 
@@ -218,6 +224,7 @@ def parse_bddl_goal(bddl_text: str) -> Goal:
 
 
 def normalize_instruction(text: str) -> str:
+    """Lower case, underscores as spaces, no final period, single spaces."""
     return ' '.join(text.lower().replace('_', ' ').strip().rstrip('.').split())
 
 
@@ -260,12 +267,15 @@ class Box:
 
     @classmethod
     def from_bounds(cls, position, rotation, lo, hi, name: str = '') -> 'Box':
+        """The box of local bounds lo..hi [3] of a body at `position` [3] with
+        `rotation` [3, 3]."""
         lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
         center = np.asarray(position) + rotation @ ((lo + hi) / 2.0)
         return cls(center=center, rotation=rotation, half=(hi - lo) / 2.0, name=name)
 
     @property
     def top(self) -> float:
+        """World z of the box's highest point."""
         return float(self.center[2] + np.abs(self.rotation[2]) @ self.half)
 
     def distance(self, points: np.ndarray) -> np.ndarray:
@@ -454,6 +464,7 @@ class SpatialExpert:
         self.reset()
 
     def reset(self) -> None:
+        """Start a new episode (same goal)."""
         self.phase = Phase.SETTLE
         self.phase_steps = 0
         self.steps = 0
@@ -468,6 +479,8 @@ class SpatialExpert:
 
     @property
     def done(self) -> bool:
+        """True in phase DONE: the bowl released and the hand retreated, or the attempts
+        used up."""
         return self.phase == Phase.DONE
 
     # ------------------------------------------------------------ public step

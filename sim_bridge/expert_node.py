@@ -198,6 +198,7 @@ class ExpertNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
+    """Spin the libero_expert node until shutdown; 2 on bad parameters."""
     try:
         with rclpy.init(args=args):
             try:

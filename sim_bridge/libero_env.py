@@ -90,6 +90,7 @@ def load_suite(suite: str):
 
 
 def num_tasks(suite: str) -> int:
+    """Number of tasks in a LIBERO suite."""
     return load_suite(suite).get_num_tasks()
 
 
@@ -105,6 +106,8 @@ class RobotState:
 
 @dataclass
 class Observation:
+    """What the policy sees after a reset or step."""
+
     image: np.ndarray         # [H, W, 3] uint8, upright
     robot: RobotState
     step: int                 # policy steps since reset (settle steps excluded)
@@ -113,6 +116,8 @@ class Observation:
 
 @dataclass
 class StepResult:
+    """Outcome of one policy step."""
+
     success: bool             # the task's goal predicate holds after this step
     step: int                 # policy steps since reset, this one included
 
@@ -170,6 +175,7 @@ class LiberoTask:
 
     @property
     def num_init_states(self) -> int:
+        """Number of initial states the task provides."""
         return len(self.init_states)
 
     @property
@@ -274,6 +280,7 @@ class LiberoTask:
         return poses
 
     def close(self) -> None:
+        """Close the environment (idempotent)."""
         if getattr(self, 'env', None) is not None:
             self.env.close()
             self.env = None

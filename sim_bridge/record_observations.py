@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `rsd record-observations` options."""
     parser.add_argument('--suite', default='libero_spatial', help='LIBERO suite')
     parser.add_argument('--tasks', type=int, nargs='+', default=None,
                         help='task indices (default: every task of the suite)')
@@ -111,6 +112,7 @@ def record(args: argparse.Namespace, tasks: list[int]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`rsd record-observations`: render and write the observations; exit 2 on bad input."""
     try:
         tasks = check_args(args)
     except ValueError as exc:
