@@ -1,8 +1,17 @@
 from glob import glob
+import os
 
 from setuptools import find_packages, setup
 
 package_name = 'rsd_ros'
+
+
+def tree(source: str, destination: str) -> list[tuple[str, list[str]]]:
+    """data_files entries installing every file under source into destination."""
+    return [(os.path.normpath(os.path.join(destination, os.path.relpath(root, source))),
+             [os.path.join(root, name) for name in files])
+            for root, _, files in os.walk(source) if files]
+
 
 setup(
     name=package_name,
@@ -15,6 +24,8 @@ setup(
         ('share/' + package_name, ['package.xml']),
         ('share/' + package_name + '/launch', glob('launch/*.launch.xml')),
         ('share/' + package_name + '/config', glob('config/*.yaml')),
+        # The trained default bundle (main + action tokenizer + draft), found by the nodes.
+        *tree('models/default', 'share/' + package_name + '/models/default'),
     ],
     install_requires=['setuptools'],
     zip_safe=True,

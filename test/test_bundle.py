@@ -97,6 +97,20 @@ def test_default_preset_sizes():
     assert 10e6 < params and params * 4 < 64e6
 
 
+def test_small_preset_is_the_cheap_128_px_policy():
+    from transformers import LlavaForConditionalGeneration
+
+    from rsd_core.processor import build_text_tokenizer
+
+    preset = PRESETS['small']
+    assert preset.image_size == 128 and preset.num_image_tokens == 64
+    config = bundle.llava_config(preset, build_text_tokenizer())
+    with torch.device('meta'):
+        backbone = LlavaForConditionalGeneration(config)
+    params = sum(p.numel() for p in backbone.parameters())
+    assert 2e6 < params < 8e6
+
+
 def make_share_prefix(root: Path, with_model: bool) -> Path:
     (root / 'share' / 'ament_index' / 'resource_index' / 'packages').mkdir(parents=True)
     (root / 'share' / 'ament_index' / 'resource_index' / 'packages' / 'rsd_ros').touch()
@@ -145,6 +159,16 @@ def test_build_default_never_replaces_other_data(tmp_path):
     assert rsd(['build-default', '--out', str(tmp_path / 'photos'), '--if-missing']) == 1
     assert (tmp_path / 'photos' / 'cat.png').read_bytes() == b'not a bundle'
     assert sorted(p.name for p in tmp_path.iterdir()) == ['photos']
+
+
+def test_build_default_never_replaces_trained_weights(tiny_bundle, tmp_path):
+    copy = Path(shutil.copytree(tiny_bundle, tmp_path / 'bundle'))
+    manifest = json.loads((copy / 'manifest.json').read_text())
+    manifest['provenance']['weights'] = 'behaviour cloning (rsd train-policy)'
+    (copy / 'manifest.json').write_text(json.dumps(manifest))
+    before = {p: p.read_bytes() for p in copy.rglob('*') if p.is_file()}
+    assert rsd(['build-default', '--out', str(copy), '--preset', 'tiny', '--no-draft']) == 1
+    assert {p: p.read_bytes() for p in copy.rglob('*') if p.is_file()} == before
 
 
 @pytest.fixture
