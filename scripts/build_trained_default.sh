@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Rebuild the trained default bundle (models/default) from nothing but this repository: the
+# exact commands and seeds that made the committed one. About 35 min of demonstrations and
+# 65 min of training and draft distillation on 2 CPU cores.
+#
+#   scripts/build_trained_default.sh [OUT]     (default OUT: models/default-rebuilt)
+#
+# 1. collect-demos: the scripted expert on the 10 libero_spatial tasks x initial states 0-11,
+#    in two processes (initial states 0-5 and 6-11, one directory each; 128 px agent view).
+# 2. train-policy: the 'small' preset (128 px, 64 image tokens, 6.1 M parameters) by behaviour
+#    cloning on those demos, seed 0; it fits the action tokenizer on the demos first and
+#    distils the draft into OUT/draft at the end. Resumable: run it again after an interruption.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${1:-$ROOT/models/default-rebuilt}"
+DEMOS="${DEMOS:-$ROOT/demos/libero_spatial}"
+"$ROOT/scripts/setup_env.sh"
+# shellcheck source=scripts/ros_env.sh
+source "$ROOT/scripts/ros_env.sh"
+RSD="$ROOT/.venv/bin/rsd"
+
+"$RSD" collect-demos --suite libero_spatial --init-states 0 1 2 3 4 5 --seed 0 \
+  --out "$DEMOS/a" --resume &
+first=$!
+"$RSD" collect-demos --suite libero_spatial --init-states 6 7 8 9 10 11 --seed 0 \
+  --out "$DEMOS/b" --resume
+wait "$first"
+
+# Two stages, exactly as the committed bundle was made: a 2400-step cosine schedule stopped at
+# step 2000, then continued (--resume) under a 4000-step schedule, which raises the learning
+# rate again from ~3e-5 to ~2.5e-4 (a warm restart) and decays it to zero at step 4000.
+TRAIN=("$RSD" train-policy --demos "$DEMOS/a" "$DEMOS/b" --out "$OUT" --preset small --seed 0
+  --batch-size 32 --lr 5e-4 --threads 2 --eval-every 400 --save-every 400)
+last="$(find "$OUT/checkpoint" -maxdepth 1 -name 'step-*' 2>/dev/null | sort | tail -n 1)"
+step=0
+[[ -n "$last" ]] && step=$((10#${last##*step-}))
+if ((step < 2000)); then
+  resume=()
+  ((step > 0)) && resume=(--resume)
+  "${TRAIN[@]}" --steps 2400 --stop-after 2000 "${resume[@]}"
+fi
+"${TRAIN[@]}" --steps 4000 --resume
+echo "trained bundle in $OUT (use it with RSD_MODEL_DIR=$OUT, or move it to models/default)"
