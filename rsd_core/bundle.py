@@ -42,6 +42,8 @@ BUNDLE_VERSION = 1
 MANIFEST = 'manifest.json'
 DEFAULT_ACTION_NAMES = ('dx', 'dy', 'dz', 'droll', 'dpitch', 'dyaw', 'gripper')
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# provenance['weights'] of a bundle built untrained; anything else holds weights worth keeping.
+RANDOM_WEIGHTS = 'random initialisation'
 PACKAGE = 'rsd_ros'
 # manifest.json keys every reader relies on, with their JSON types.
 REQUIRED_KEYS = {'hidden_size': int, 'num_layers': int, 'codes_per_layer': int, 'levels': int,
@@ -275,7 +277,7 @@ def build_main_bundle(out_dir: str | Path, preset: str, tokenizer: ActionTokeniz
     model = new_main_model(preset, seed, cfg.num_layers, cfg.codes_per_layer, cfg.levels)
     write_bundle(model, tokenizer, out_dir, action_names, control_period, {
         'preset': preset, 'backbone_sizes': asdict(PRESETS[preset]), 'seed': seed,
-        'weights': 'random initialisation', **(provenance or {})})
+        'weights': RANDOM_WEIGHTS, **(provenance or {})})
     return out_dir
 
 
@@ -350,12 +352,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def trained_by(bundle_dir: Path) -> str | None:
-    """The provenance 'weights' entry of a bundle whose weights were trained, else None."""
+    """The provenance 'weights' entry of a bundle whose weights are not RANDOM_WEIGHTS, else
+    None (also when there is no readable manifest)."""
     try:
         weights = load_manifest(bundle_dir / MANIFEST, BUNDLE_FORMAT)['provenance']['weights']
     except (CheckpointError, OSError, KeyError, TypeError):
         return None
-    return weights if isinstance(weights, str) and 'train' in weights else None
+    return None if weights == RANDOM_WEIGHTS else str(weights)
 
 
 def build_bundle(bundle_dir: Path, args: argparse.Namespace) -> None:

@@ -111,6 +111,7 @@ STATE_VERSION = 1
 # Settings a resumed run must share with the run it continues (anything else may change).
 RESUME_KEYS = ('demos', 'init', 'preset', 'seed', 'heldout_fraction', 'freeze_vision')
 AUTOCAST_DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}
+WEIGHTS = 'behaviour cloning (rsd train-policy)'  # provenance['weights'] of its bundles
 
 
 @dataclass
@@ -939,7 +940,7 @@ def provenance(run: Run, metrics: dict) -> dict:
     settings = {k: getattr(config, k) for k in (
         'steps', 'batch_size', 'grad_accum', 'lr', 'weight_decay', 'warmup_steps', 'grad_clip',
         'dtype', 'heldout_fraction', 'augment', 'freeze_vision')}
-    return {'weights': 'behaviour cloning (rsd train-policy)', **run.source,
+    return {'weights': WEIGHTS, **run.source,
             'seed': config.seed, 'training': settings,
             'demos': run.demos,
             'action_tokenizer': {'path': config.tokenizer or 'fitted on the training episodes',

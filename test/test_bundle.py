@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from rsd_core import bundle
+from rsd_core import bundle, train_policy
 from rsd_core.bundle import (
     PRESETS,
     build_main_bundle,
@@ -80,16 +80,20 @@ def test_build_refuses_bad_requests(action_tokenizer, tmp_path):
     assert (tmp_path / 'busy' / 'notes.txt').read_text() == 'keep me'
 
 
-def test_default_preset_sizes():
+def backbone_on_meta(preset_name: str):
+    """(LLaVA config, backbone with no storage) of a preset."""
     from transformers import LlavaForConditionalGeneration
 
     from rsd_core.processor import build_text_tokenizer
 
-    preset = PRESETS['default']
-    assert preset.num_image_tokens == 64
-    config = bundle.llava_config(preset, build_text_tokenizer())
+    config = bundle.llava_config(PRESETS[preset_name], build_text_tokenizer())
     with torch.device('meta'):
-        backbone = LlavaForConditionalGeneration(config)
+        return config, LlavaForConditionalGeneration(config)
+
+
+def test_default_preset_sizes():
+    assert PRESETS['default'].num_image_tokens == 64
+    config, backbone = backbone_on_meta('default')
     hidden, codes = config.text_config.hidden_size, 128 * 7
     heads = hidden * codes + codes + codes * hidden + hidden + 8 * hidden
     params = sum(p.numel() for p in backbone.parameters()) + heads
@@ -98,15 +102,9 @@ def test_default_preset_sizes():
 
 
 def test_small_preset_is_the_cheap_128_px_policy():
-    from transformers import LlavaForConditionalGeneration
-
-    from rsd_core.processor import build_text_tokenizer
-
     preset = PRESETS['small']
     assert preset.image_size == 128 and preset.num_image_tokens == 64
-    config = bundle.llava_config(preset, build_text_tokenizer())
-    with torch.device('meta'):
-        backbone = LlavaForConditionalGeneration(config)
+    _, backbone = backbone_on_meta('small')
     params = sum(p.numel() for p in backbone.parameters())
     assert 2e6 < params < 8e6
 
@@ -164,7 +162,7 @@ def test_build_default_never_replaces_other_data(tmp_path):
 def test_build_default_never_replaces_trained_weights(tiny_bundle, tmp_path):
     copy = Path(shutil.copytree(tiny_bundle, tmp_path / 'bundle'))
     manifest = json.loads((copy / 'manifest.json').read_text())
-    manifest['provenance']['weights'] = 'behaviour cloning (rsd train-policy)'
+    manifest['provenance']['weights'] = train_policy.WEIGHTS
     (copy / 'manifest.json').write_text(json.dumps(manifest))
     before = {p: p.read_bytes() for p in copy.rglob('*') if p.is_file()}
     assert rsd(['build-default', '--out', str(copy), '--preset', 'tiny', '--no-draft']) == 1

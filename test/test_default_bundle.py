@@ -3,11 +3,12 @@
 import json
 
 import numpy as np
-from PIL import Image
 import pytest
 
+from rsd_core import train_policy
 from rsd_core.bundle import REPO_ROOT, bundle_weights_sha256
 from rsd_core.cli import main as rsd
+from rsd_core.distill import load_image, read_observations
 
 DEFAULT = REPO_ROOT / 'models' / 'default'
 OBSERVATIONS = REPO_ROOT / 'data' / 'observations' / 'libero_spatial'
@@ -18,7 +19,7 @@ def test_default_bundle_is_trained_and_strictly_usable(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report['usable'] and not report['warnings']
     manifest = json.loads((DEFAULT / 'manifest.json').read_text())
-    assert manifest['provenance']['weights'] == 'behaviour cloning (rsd train-policy)'
+    assert manifest['provenance']['weights'] == train_policy.WEIGHTS
     assert manifest['weights_sha256'] == bundle_weights_sha256(DEFAULT)
     draft = json.loads((DEFAULT / 'draft' / 'draft.json').read_text())
     assert draft['provenance']['main_weights_sha256'] == manifest['weights_sha256']
@@ -34,10 +35,8 @@ def engine():
 
 def observations(step: int) -> list[tuple[np.ndarray, str]]:
     """The recorded libero_spatial frames at one episode step (0: the initial state)."""
-    records = [json.loads(line) for line in
-               (OBSERVATIONS / 'index.jsonl').read_text().splitlines()]
-    return [(np.asarray(Image.open(OBSERVATIONS / r['image']).convert('RGB')), r['instruction'])
-            for r in records if r['step'] == step]
+    return [(load_image(o.image), o.instruction) for o in read_observations(OBSERVATIONS)
+            if o.meta['step'] == step]
 
 
 def test_default_policy_acts_and_exact_speculation_changes_nothing(engine):
