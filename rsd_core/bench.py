@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rsd_core.distill import read_proprio
 from rsd_core.engine import RSDEngine
 from rsd_core.stats import PHASES, StatsAggregator
 from rsd_core.train_tokenizer import torch_threads
@@ -66,8 +67,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="latency breakdown chart path ('' = none)")
 
 
-def generated_inputs(n: int, seed: int = 0, size: int = 128) -> list[tuple[np.ndarray, str]]:
-    """n (image [size, size, 3] uint8, instruction) pairs: coloured boxes on a noisy table."""
+Input = tuple[np.ndarray, str, np.ndarray | None]  # image [S, S, 3] uint8, instruction, state
+
+
+def generated_inputs(n: int, seed: int = 0, size: int = 128,
+                     state: tuple[np.ndarray, np.ndarray] | None = None) -> list[Input]:
+    """n (image, instruction, robot state) inputs: coloured boxes on a noisy table; the state
+    is drawn from N(mean, std) per value when `state` = (mean [P], std [P]) is given, else None.
+    """
     rng = np.random.default_rng(seed)
     inputs = []
     for i in range(n):
@@ -76,12 +83,23 @@ def generated_inputs(n: int, seed: int = 0, size: int = 128) -> list[tuple[np.nd
             y, x = rng.integers(0, size - 16, 2)
             h, w = rng.integers(8, 40, 2)
             image[y:y + h, x:x + w] = rng.integers(0, 256, 3)
-        inputs.append((image, INSTRUCTIONS[i % len(INSTRUCTIONS)]))
+        proprio = None if state is None else \
+            (state[0] + state[1] * rng.standard_normal(len(state[0]))).astype(np.float32)
+        inputs.append((image, INSTRUCTIONS[i % len(INSTRUCTIONS)], proprio))
     return inputs
 
 
-def observation_inputs(directory: str | Path, n: int) -> list[tuple[np.ndarray, str]]:
-    """The first n entries of an observation directory (index.jsonl + images/*.png)."""
+def state_statistics(engine: RSDEngine) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean [P], std [P]) of the robot state the main model was trained on, or None."""
+    encoder = engine.main.proprio
+    if encoder is None:
+        return None
+    return encoder.mean.float().cpu().numpy(), encoder.std.float().cpu().numpy()
+
+
+def observation_inputs(directory: str | Path, n: int) -> list[Input]:
+    """The first n entries of an observation directory (index.jsonl + images/*.png, with the
+    robot state when the entries record one)."""
     import imageio.v3 as iio
 
     directory = Path(directory)
@@ -94,7 +112,8 @@ def observation_inputs(directory: str | Path, n: int) -> list[tuple[np.ndarray, 
         if line.strip() and len(inputs) < n:
             entry = json.loads(line)
             image = np.asarray(iio.imread(directory / entry['image']))[..., :3]
-            inputs.append((image.astype(np.uint8), entry['instruction']))
+            inputs.append((image.astype(np.uint8), entry['instruction'],
+                           read_proprio(entry.get('proprio'))))
     if not inputs:
         raise ValueError(f'{index}: no entries')
     return inputs
@@ -106,18 +125,19 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def run_modes(engine: RSDEngine, inputs: list[tuple[np.ndarray, str]], warmup: int,
+def run_modes(engine: RSDEngine, inputs: list[Input], warmup: int,
               ) -> dict[str, tuple[StatsAggregator, np.ndarray]]:
     """Decode every input in every mode; return per mode (stats, actions [N, T, A])."""
     for i in range(warmup):
+        image, instruction, proprio = inputs[i % len(inputs)]
         for mode in MODES.values():
             engine.update_config(**mode)
-            engine.predict(*inputs[i % len(inputs)])
+            engine.predict(image, instruction, proprio=proprio)
     results = {name: (StatsAggregator(), []) for name in MODES}
-    for image, instruction in inputs:
+    for image, instruction, proprio in inputs:
         for name, mode in MODES.items():
             engine.update_config(**mode)
-            actions, stats = engine.predict(image, instruction)
+            actions, stats = engine.predict(image, instruction, proprio=proprio)
             results[name][0].add(stats)
             results[name][1].append(actions)
     return {name: (agg, np.stack(actions)) for name, (agg, actions) in results.items()}
@@ -173,7 +193,7 @@ def _bench(args: argparse.Namespace) -> dict:
     if args.observations:
         inputs = observation_inputs(args.observations, args.num_inputs)
     else:
-        inputs = generated_inputs(args.num_inputs, args.seed)
+        inputs = generated_inputs(args.num_inputs, args.seed, state=state_statistics(engine))
     logger.info('benchmarking %d inputs x %d modes (+%d warm-up)', len(inputs), len(MODES),
                 args.warmup)
     runs = run_modes(engine, inputs, args.warmup)

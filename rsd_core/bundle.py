@@ -195,9 +195,10 @@ def llava_config(preset: BackbonePreset,
 
 
 def new_main_model(preset: str = 'default', seed: int = 0, num_layers: int = 8,
-                   codes_per_layer: int = 128, levels: int = 7) -> 'MainModel':
-    """A randomly initialised MainModel of a preset (float32, CPU, eval mode); the global torch
-    RNG is left untouched."""
+                   codes_per_layer: int = 128, levels: int = 7,
+                   proprio_names: tuple[str, ...] = ()) -> 'MainModel':
+    """A randomly initialised MainModel of a preset (float32, CPU, eval mode), with a
+    proprioception input of `proprio_names` if any; the global torch RNG is left untouched."""
     from transformers import LlavaForConditionalGeneration
 
     from rsd_core.main_model import MainModel
@@ -212,7 +213,8 @@ def new_main_model(preset: str = 'default', seed: int = 0, num_layers: int = 8,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone = LlavaForConditionalGeneration(config)
-        return MainModel(backbone, processor, num_layers, codes_per_layer, levels).eval()
+        return MainModel(backbone, processor, num_layers, codes_per_layer, levels,
+                         proprio_names=tuple(proprio_names)).eval()
 
 
 def write_bundle(model: 'MainModel', tokenizer: ActionTokenizer, out_dir: str | Path,
@@ -263,34 +265,40 @@ def write_bundle(model: 'MainModel', tokenizer: ActionTokenizer, out_dir: str | 
 
 def build_main_bundle(out_dir: str | Path, preset: str, tokenizer: ActionTokenizer, seed: int = 0,
                       action_names: tuple[str, ...] | list[str] = DEFAULT_ACTION_NAMES,
-                      control_period: float = 0.05, provenance: dict | None = None) -> Path:
+                      control_period: float = 0.05, provenance: dict | None = None,
+                      proprio_names: tuple[str, ...] = ()) -> Path:
     """Write a complete main bundle (no draft) of a new randomly initialised preset model into
     out_dir, which must be new or empty.
 
     tokenizer: a fitted ActionTokenizer; its config sets L, C = chunk_len * latent_dim and V.
-    control_period in seconds. Returns out_dir.
+    control_period in seconds. proprio_names: the robot-state inputs (none by default).
+    Returns out_dir.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f'{out_dir}: not empty; a bundle is built into a new directory')
     cfg = tokenizer.config
-    model = new_main_model(preset, seed, cfg.num_layers, cfg.codes_per_layer, cfg.levels)
+    model = new_main_model(preset, seed, cfg.num_layers, cfg.codes_per_layer, cfg.levels,
+                           proprio_names)
     write_bundle(model, tokenizer, out_dir, action_names, control_period, {
         'preset': preset, 'backbone_sizes': asdict(PRESETS[preset]), 'seed': seed,
         'weights': RANDOM_WEIGHTS, **(provenance or {})})
     return out_dir
 
 
-def make_test_bundle(directory: str | Path, seed: int = 0) -> Path:
+def make_test_bundle(directory: str | Path, seed: int = 0,
+                     proprio_names: tuple[str, ...] = ()) -> Path:
     """A complete tiny bundle for tests (no draft): 'tiny' preset, action tokenizer fitted for a
-    few steps on synthetic chunks. Builds in a few seconds; returns the bundle directory."""
+    few steps on synthetic chunks, robot-state inputs `proprio_names` (none by default). Builds
+    in a few seconds; returns the bundle directory."""
     from rsd_core.train_tokenizer import fit_tokenizer, synthetic_chunks
 
     # fit_tokenizer trains on one thread (two spin-wait on a busy machine: 10x slower).
     tokenizer, _ = fit_tokenizer(synthetic_chunks(256, seed=seed), steps=40, seed=seed,
                                  progress=False, source='synthetic: 256 chunks (test bundle)')
     return build_main_bundle(directory, 'tiny', tokenizer, seed=seed,
-                             provenance={'purpose': 'tests', 'action_tokenizer': 'synthetic'})
+                             provenance={'purpose': 'tests', 'action_tokenizer': 'synthetic'},
+                             proprio_names=proprio_names)
 
 
 # ---------------------------------------------------------------- rsd build-default

@@ -58,11 +58,16 @@ LIBERO_INSTRUCTIONS = (
 
 @dataclass
 class Observation:
-    """One line of index.jsonl with its image path resolved."""
+    """One line of index.jsonl with its image path resolved.
+
+    proprio: the robot state [P] float32 recorded with the image ('proprio' in the line), or
+    None; needed by models with proprioception.
+    """
 
     image: Path
     instruction: str
     meta: dict
+    proprio: np.ndarray | None = None
 
 
 @dataclass
@@ -103,20 +108,48 @@ def read_observations(directory: str | Path, strict: bool = False) -> list[Obser
                 raise ValueError('empty instruction')
             if not image.is_file():
                 raise ValueError(f'image {image} not found')
+            proprio = read_proprio(entry.get('proprio'))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             reason = f'{index}:{number}: {type(exc).__name__}: {exc}'
             if strict:
                 raise ValueError(reason) from exc
             skipped.append(reason)
             continue
-        meta = {k: v for k, v in entry.items() if k not in ('image', 'instruction')}
-        observations.append(Observation(image, instruction.strip(), meta))
+        meta = {k: v for k, v in entry.items() if k not in ('image', 'instruction', 'proprio')}
+        observations.append(Observation(image, instruction.strip(), meta, proprio))
     for reason in skipped:
         logger.warning('skipped observation %s', reason)
     if len(observations) < 2:
         raise ValueError(f'{index}: {len(observations)} usable observations; at least 2 are '
                          'needed (one for training, one held out)')
     return observations
+
+
+def read_proprio(value) -> np.ndarray | None:
+    """An index.jsonl 'proprio' value (a list of finite numbers, or absent) -> [P] float32."""
+    if value is None:
+        return None
+    problem = f'proprio must be a non-empty list of finite numbers, got {value!r}'
+    try:
+        state = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(problem) from exc
+    if state.ndim != 1 or not state.size or not np.isfinite(state).all():
+        raise ValueError(problem)
+    return state
+
+
+def proprio_batch(main: MainModel, observations: list[Observation]) -> dict:
+    """{'proprio': [B, P]} of the observations when `main` takes proprioception, else {}."""
+    if main.proprio is None:
+        return {}
+    size = len(main.proprio_names)
+    bad = [o.image.name for o in observations if o.proprio is None or len(o.proprio) != size]
+    if bad:
+        raise ValueError(f'the main model takes proprioception ({size} values: '
+                         f'{", ".join(main.proprio_names)}); observations {bad[:3]} have no '
+                         'matching "proprio" list')
+    return {'proprio': torch.from_numpy(np.stack([o.proprio for o in observations]))}
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -250,7 +283,9 @@ def record(main: MainModel, observations: list[Observation], plan: list[tuple[in
             image = images_cache[source]
             images.append(augment(image, np.random.default_rng([seed, sample]))
                           if copy else image)
-        inputs = main.processor(images, [observations[plan[batch[0]][0]].instruction] * len(batch))
+        sources = [observations[plan[sample][0]] for sample in batch]
+        inputs = main.processor(images, [sources[0].instruction] * len(batch))
+        inputs.update(proprio_batch(main, sources))
         inputs = {k: v.to(device) for k, v in inputs.items()}
         h0, tokens, margins = main_greedy_targets(main, inputs, num_proposals)
         for row, sample in enumerate(batch):

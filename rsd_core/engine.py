@@ -242,14 +242,21 @@ class RSDEngine:
                              f'{len(config.tolerance)}')
         return config
 
+    @property
+    def proprio_names(self) -> tuple[str, ...]:
+        """Names of the robot-state values the main model takes (empty: it takes none)."""
+        return self.main.proprio_names
+
     def predict(self, image: np.ndarray, instruction: str, use_draft: bool | None = None,
-                ) -> tuple[np.ndarray, ChunkStats]:
-        """One chunk: image [H, W, 3] uint8 RGB + instruction -> (actions [T, A] float32 in
-        action units, stats). use_draft overrides the config for this call."""
-        _, actions, stats = self.decode_tokens(image, instruction, use_draft)
+                proprio: np.ndarray | None = None) -> tuple[np.ndarray, ChunkStats]:
+        """One chunk: image [H, W, 3] uint8 RGB + instruction (+ proprio [P], the values named
+        in `proprio_names`, when the model takes them) -> (actions [T, A] float32 in action
+        units, stats). use_draft overrides the config for this call."""
+        _, actions, stats = self.decode_tokens(image, instruction, use_draft, proprio)
         return actions, stats
 
     def decode_tokens(self, image: np.ndarray, instruction: str, use_draft: bool | None = None,
+                      proprio: np.ndarray | None = None,
                       ) -> tuple[torch.Tensor, np.ndarray, ChunkStats]:
         """Like `predict`, also returning the chosen codes [L, C] long."""
         config = self._config
@@ -257,17 +264,34 @@ class RSDEngine:
             config = self._checked(replace(config, use_draft=use_draft))
         check_image(image)
         check_instruction(instruction)
-        codes, actions, stats = self._run(image, instruction, config)
+        state = self._check_proprio(proprio)
+        codes, actions, stats = self._run(image, instruction, state, config)
         return codes[0].cpu(), actions[0].float().cpu().numpy(), stats
 
+    def _check_proprio(self, proprio: np.ndarray | None) -> torch.Tensor | None:
+        """proprio [P] -> [1, P] float32 tensor (None when the model takes no state)."""
+        names = self.proprio_names
+        if not names:
+            return None
+        if proprio is None:
+            raise ValueError(f'the main model takes proprioception: pass proprio '
+                             f'[{len(names)}] ({", ".join(names)})')
+        state = np.asarray(proprio, dtype=np.float32)
+        if state.shape != (len(names),):
+            raise ValueError(f'proprio has shape {list(state.shape)}; expected [{len(names)}] '
+                             f'({", ".join(names)})')
+        if not np.isfinite(state).all():
+            raise ValueError('proprio contains NaN or Inf values')
+        return torch.from_numpy(state)[None]  # [1, P]
+
     @torch.inference_mode()
-    def _run(self, image: np.ndarray, instruction: str, config: EngineConfig,
-             ) -> tuple[torch.Tensor, torch.Tensor, ChunkStats]:
+    def _run(self, image: np.ndarray, instruction: str, proprio: torch.Tensor | None,
+             config: EngineConfig) -> tuple[torch.Tensor, torch.Tensor, ChunkStats]:
         timer = PhaseTimer(self.device)
         verdict, k = None, 0
         with timer.phase('total'):
             with timer.phase('preprocess'):
-                inputs = self._inputs(image, instruction)
+                inputs = self._inputs(image, instruction, proprio)
             with timer.phase('prefill'):
                 cache, h0, logits0 = prefill(self.main, inputs)
                 codes = greedy(logits0)[:, None]                  # [B, 1, C]
@@ -298,8 +322,11 @@ class RSDEngine:
         """The device the main model (and so every input) is on."""
         return self.main.device
 
-    def _inputs(self, image: np.ndarray, instruction: str) -> dict:
+    def _inputs(self, image: np.ndarray, instruction: str, proprio: torch.Tensor | None,
+                ) -> dict:
         inputs = self.main.processor([image], [instruction])
+        if proprio is not None:
+            inputs['proprio'] = proprio                           # [1, P]
         return {key: value.to(self.device) for key, value in inputs.items()}
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:

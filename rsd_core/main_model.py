@@ -4,8 +4,13 @@ One code path for every backbone that loads as `LlavaForConditionalGeneration` (
 projector + causal LM: the shape of OpenVLA-style checkpoints, and of the built-in default).
 Each residual RFSQ layer is ONE position of the language model's sequence:
 
-    prefill(image, instruction) -> h0 = last hidden state of the prompt, layer 0 = head(h0)
+    prefill(image, instruction[, proprio]) -> h0 = last hidden state of the prompt,
+                                              layer 0 = head(h0)
     forward_layers(codes of layers l..l+k-1) -> hidden states whose head gives layers l+1..l+k
+
+A model may take proprioception: the robot state (joint positions, as a JointState message
+carries them, named in `proprio_names`) becomes one extra prompt position right after the image
+tokens, `<s> <image> x N <state> prompt words`, through `ProprioEncoder`.
 
 The KV cache is a transformers `DynamicCache`; `crop` rolls it back after a rejected proposal.
 Models loaded with `from_dir` are in eval mode with gradients off (call `.train()` and
@@ -87,6 +92,30 @@ class LayerEmbedding(nn.Module):
         return x + self.layer(layers)  # [B, k, H]
 
 
+class ProprioEncoder(nn.Module):
+    """Robot state [B, P] in its own units (rad, m) -> one input embedding [B, 1, H].
+
+    The state is standardised with the training data's mean / std (buffers, saved with the
+    weights), then a two-layer MLP maps it into the language model's embedding space.
+    """
+
+    def __init__(self, state_dim: int, hidden_size: int):
+        super().__init__()
+        self.register_buffer('mean', torch.zeros(state_dim))
+        self.register_buffer('std', torch.ones(state_dim))
+        self.net = nn.Sequential(nn.Linear(state_dim, hidden_size), nn.GELU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    def set_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardisation statistics [P] (std is floored at 1e-3 of the state's units)."""
+        self.mean.copy_(mean.to(self.mean))
+        self.std.copy_(std.to(self.std).clamp_min(1e-3))
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        """state [B, P] -> embedding [B, 1, H]."""
+        return self.net((state - self.mean) / self.std)[:, None]  # [B, 1, H]
+
+
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
     """No transformers progress bars while loading (they would land in node logs)."""
@@ -105,7 +134,8 @@ class MainModel(nn.Module):
     """LLaVA backbone + RFSQ head + layer embedding; see the module docstring."""
 
     def __init__(self, backbone: nn.Module, processor: PromptProcessor, num_layers: int = 8,
-                 codes_per_layer: int = 128, levels: int = 7, weights_hash: str = ''):
+                 codes_per_layer: int = 128, levels: int = 7, weights_hash: str = '',
+                 proprio_names: tuple[str, ...] = ()):
         super().__init__()
         self.backbone = backbone
         self.processor = processor
@@ -115,6 +145,18 @@ class MainModel(nn.Module):
         self.rfsq_head = RFSQHead(self.hidden_size, codes_per_layer, levels)
         self.layer_embedding = LayerEmbedding(self.hidden_size, num_layers, codes_per_layer,
                                               levels)
+        self.proprio_names: tuple[str, ...] = ()
+        self.proprio: ProprioEncoder | None = None
+        if proprio_names:
+            self.add_proprio(proprio_names)
+
+    def add_proprio(self, names: tuple[str, ...] | list[str]) -> None:
+        """Give the model a (new, untrained) proprioception input of the named state values."""
+        names = tuple(str(n) for n in names)
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f'proprio names must be distinct and non-empty, got {names}')
+        self.proprio_names = names
+        self.proprio = ProprioEncoder(len(names), self.hidden_size).to(self.device, self.dtype)
 
     @property
     def device(self) -> torch.device:
@@ -129,16 +171,33 @@ class MainModel(nn.Module):
     # -- inference ---------------------------------------------------------------------------
 
     def prefill(self, inputs: dict) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-        """Run the prompt. inputs: {'input_ids' [B, S], 'pixel_values' [B, 3, I, I]}.
+        """Run the prompt. inputs: {'input_ids' [B, S], 'pixel_values' [B, 3, I, I]} and, for a
+        model with proprioception, 'proprio' [B, P] (the state values named in proprio_names).
 
-        Returns (cache holding S positions, h0 [B, H], logits of layer 0 [B, C, V]).
+        Returns (cache holding the prompt's S (+1 state) positions, h0 [B, H], logits of
+        layer 0 [B, C, V]).
         """
-        input_ids, pixel_values = self._check_inputs(inputs)
+        embeds, pixel_values = self.embed_prompt(inputs)  # [B, S', H]
         cache = DynamicCache(config=self.backbone.config)
-        out = self.backbone.model(input_ids=input_ids, pixel_values=pixel_values,
+        out = self.backbone.model(inputs_embeds=embeds, pixel_values=pixel_values,
                                   past_key_values=cache, use_cache=True)
         h0 = out.last_hidden_state[:, -1]  # [B, H]
         return cache, h0, self.rfsq_head(h0)  # logits0: [B, C, V]
+
+    def embed_prompt(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validated inputs -> (prompt embeddings [B, S', H], pixel_values [B, 3, I, I]).
+
+        S' = S, or S + 1 with the state embedding inserted after the image placeholders. LLaVA
+        finds the placeholders by comparing embeddings with the <image> embedding and puts the
+        projected vision features there.
+        """
+        input_ids, pixel_values, state = self._check_inputs(inputs)
+        embeds = self.backbone.model.get_input_embeddings()(input_ids)  # [B, S, H]
+        if self.proprio is not None:
+            at = 1 + self.processor.num_image_tokens
+            embeds = torch.cat([embeds[:, :at], self.proprio(state).to(embeds.dtype),
+                                embeds[:, at:]], dim=1)  # [B, S + 1, H]
+        return embeds, pixel_values
 
     def forward_layers(self, cache: DynamicCache, codes: torch.Tensor,
                        first_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +230,8 @@ class MainModel(nn.Module):
         """Number of positions held by `cache`."""
         return int(cache.get_seq_length())
 
-    def _check_inputs(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _check_inputs(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor,
+                                                   torch.Tensor | None]:
         missing = {'input_ids', 'pixel_values'} - set(inputs)
         if missing:
             raise ValueError(f'prefill inputs lack {sorted(missing)}; use model.processor(...)')
@@ -181,7 +241,20 @@ class MainModel(nn.Module):
                 input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError(f'expected input_ids [B, S] and pixel_values [B, 3, I, I], got '
                              f'{list(input_ids.shape)} and {list(pixel_values.shape)}')
-        return input_ids, pixel_values
+        if self.proprio is None:
+            return input_ids, pixel_values, None
+        state = inputs.get('proprio')
+        if state is None:
+            raise ValueError(f'this model takes proprioception: inputs need proprio [B, '
+                             f'{len(self.proprio_names)}] ({", ".join(self.proprio_names)})')
+        state = torch.as_tensor(state).to(self.device, self.dtype)  # [B, P]
+        if state.shape != (input_ids.shape[0], len(self.proprio_names)):
+            raise ValueError(f'proprio has shape {list(state.shape)}; expected '
+                             f'[{input_ids.shape[0]}, {len(self.proprio_names)}] '
+                             f'({", ".join(self.proprio_names)})')
+        if not bool(torch.isfinite(state).all()):
+            raise ValueError('proprio contains NaN or Inf values')
+        return input_ids, pixel_values, state
 
     def _check_codes(self, codes: torch.Tensor, first_layer: int) -> torch.Tensor:
         if codes.ndim != 3 or codes.shape[1] < 1 or codes.shape[2] != self.codes_per_layer:
@@ -200,15 +273,17 @@ class MainModel(nn.Module):
     # -- persistence -------------------------------------------------------------------------
 
     def heads_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors of heads.safetensors: rfsq_head.*, layer_embedding.*."""
+        """The tensors of heads.safetensors: rfsq_head.*, layer_embedding.*, proprio.*."""
         return {k: v for k, v in self.state_dict().items()
-                if k.startswith(('rfsq_head.', 'layer_embedding.'))}
+                if k.startswith(('rfsq_head.', 'layer_embedding.', 'proprio.'))}
 
     def heads_manifest(self) -> dict:
-        """The heads.json content: format, version and the sizes H, L, C, V."""
+        """The heads.json content: format, version, the sizes H, L, C, V and the names of the
+        proprioception inputs (empty: none)."""
         return {'format': HEADS_FORMAT, 'version': HEADS_VERSION,
                 'hidden_size': self.hidden_size, 'num_layers': self.num_layers,
-                'codes_per_layer': self.codes_per_layer, 'levels': self.levels}
+                'codes_per_layer': self.codes_per_layer, 'levels': self.levels,
+                'proprio_names': list(self.proprio_names)}
 
     def save_heads(self, bundle_dir: str | Path) -> Path:
         """Write heads.safetensors + heads.json into `bundle_dir`; return the weights path."""
@@ -224,8 +299,9 @@ class MainModel(nn.Module):
             raise CheckpointError(f'{path}: heads were built for hidden size '
                                   f'{manifest.get("hidden_size")}, the backbone has '
                                   f'{self.hidden_size}')
-        wrong = {k: (manifest.get(k), v) for k, v in self.heads_manifest().items()
-                 if k in ('num_layers', 'codes_per_layer', 'levels') and manifest.get(k) != v}
+        wrong = {k: (manifest.get(k, []), v) for k, v in self.heads_manifest().items()
+                 if k in ('num_layers', 'codes_per_layer', 'levels', 'proprio_names')
+                 and manifest.get(k, []) != v}
         if wrong:
             raise CheckpointError(f'{path}: ' + ', '.join(
                 f'{k} {found}, the bundle manifest says {want}'
@@ -268,13 +344,25 @@ class MainModel(nn.Module):
         except (OSError, ValueError) as exc:
             raise CheckpointError(f'{backbone_dir}: text tokenizer unusable ({exc})') from exc
         model = cls(backbone, processor, manifest['num_layers'], manifest['codes_per_layer'],
-                    manifest['levels'], manifest['weights_sha256'])
+                    manifest['levels'], manifest['weights_sha256'],
+                    heads_proprio_names(bundle_dir))
         model.load_heads(bundle_dir)
         model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         logger.info('main model %s: hidden %d, %s on %s, weights %s', bundle_dir,
                     model.hidden_size, str(dtype).removeprefix('torch.'), device,
                     model.weights_hash[:12])
         return model
+
+
+def heads_proprio_names(bundle_dir: str | Path) -> tuple[str, ...]:
+    """The proprioception input names a bundle's heads.json declares (empty: none)."""
+    path = Path(bundle_dir) / f'{HEADS_NAME}.json'
+    names = load_manifest(path, HEADS_FORMAT).get('proprio_names', [])
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names) \
+            or len(set(names)) != len(names):
+        raise CheckpointError(f'{path}: proprio_names must be a list of distinct names, got '
+                              f'{names!r}')
+    return tuple(names)
 
 
 def _check_backbone_files(backbone_dir: Path) -> None:

@@ -106,10 +106,18 @@ from rsd_core.train_tokenizer import fit_tokenizer, torch_threads
 logger = logging.getLogger(__name__)
 
 CAMERA = 'agentview_rgb'
+# Proprioception: LIBERO's obs datasets, concatenated, and the names of their values as the
+# robot's JointState (and so the sim bridge's joint_states) carries them.
+PROPRIO_DATASETS = ('joint_states', 'gripper_states')
+PROPRIO_NAMES = tuple(f'robot0_joint{i}' for i in range(1, 8)) + \
+    ('gripper0_finger_joint1', 'gripper0_finger_joint2')
 STATE_FORMAT = 'rsd-train-policy-state'
 STATE_VERSION = 1
 # Settings a resumed run must share with the run it continues (anything else may change).
-RESUME_KEYS = ('demos', 'init', 'preset', 'seed', 'heldout_fraction', 'freeze_vision')
+RESUME_KEYS = ('demos', 'init', 'preset', 'seed', 'heldout_fraction', 'freeze_vision',
+               'proprio')
+# Identity keys added after the first checkpoints, with the value those checkpoints imply.
+LATER_KEYS = {'proprio': False}
 AUTOCAST_DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}
 WEIGHTS = 'behaviour cloning (rsd train-policy)'  # provenance['weights'] of its bundles
 
@@ -143,6 +151,7 @@ class TrainPolicyConfig:
     save_every: int = 500
     cache_mb: float = 1024.0            # decoded frames kept in memory, uint8 at the model's size
     freeze_vision: bool = False
+    proprio: bool = True                # condition on obs/joint_states + obs/gripper_states
     gradient_checkpointing: bool = False
     distill_draft: bool = True
     draft_observations: int = 256
@@ -191,6 +200,7 @@ class Episode:
     demo: str
     instruction: str
     actions: np.ndarray                 # [N, A] float32, action units
+    proprio: np.ndarray | None = None   # [N, P] float32, PROPRIO_DATASETS concatenated
 
     @property
     def length(self) -> int:
@@ -217,11 +227,13 @@ def _instruction(path: Path, data: h5py.Group) -> str:
     return text.strip()
 
 
-def read_episodes(paths: list[str | Path], action_dim: int = 7) -> list[Episode]:
-    """Validate LIBERO HDF5 demo files and read their actions and instructions (no frames).
+def read_episodes(paths: list[str | Path], action_dim: int = 7,
+                  proprio: bool = False) -> list[Episode]:
+    """Validate LIBERO HDF5 demo files and read their actions, instructions and (proprio) the
+    robot state of PROPRIO_DATASETS (no frames).
 
     Raises ValueError naming the file and what is wrong: unreadable, missing groups or
-    datasets, wrong shapes, frame count != action count, NaN actions, no instruction.
+    datasets, wrong shapes, frame count != action count, NaN actions or states, no instruction.
     """
     episodes = []
     for path in find_demo_files(paths):
@@ -230,14 +242,15 @@ def read_episodes(paths: list[str | Path], action_dim: int = 7) -> list[Episode]
                                       'data/demo_<i>/{actions, obs/agentview_rgb}')
             instruction = _instruction(path, data)
             for name in names:
-                episodes.append(_read_episode(path, data[name], name, instruction, action_dim))
+                episodes.append(_read_episode(path, data[name], name, instruction, action_dim,
+                                              proprio))
     logger.info('%d episodes, %d frames from %d file(s)', len(episodes),
                 sum(e.length for e in episodes), len({e.file for e in episodes}))
     return episodes
 
 
 def _read_episode(path: Path, group: h5py.Group, name: str, instruction: str,
-                  action_dim: int) -> Episode:
+                  action_dim: int, proprio: bool) -> Episode:
     where = f'{path}: data/{name}'
     actions = read_actions(where, group, action_dim)
     frames = group.get(f'obs/{CAMERA}')
@@ -248,7 +261,29 @@ def _read_episode(path: Path, group: h5py.Group, name: str, instruction: str,
                          'expected uint8 [N, H, W, 3]')
     if frames.shape[0] != len(actions):
         raise ValueError(f'{where}: {frames.shape[0]} frames but {len(actions)} actions')
-    return Episode(path, name, instruction, actions)
+    state = _read_state(where, group, len(actions)) if proprio else None
+    return Episode(path, name, instruction, actions, state)
+
+
+def _read_state(where: str, group: h5py.Group, length: int) -> np.ndarray:
+    """PROPRIO_DATASETS of one demo, concatenated: [N, P] float32."""
+    parts = []
+    for name in PROPRIO_DATASETS:
+        values = group.get(f'obs/{name}')
+        if not isinstance(values, h5py.Dataset):
+            raise ValueError(f'{where} has no obs/{name} dataset (proprioception reads '
+                             f'{", ".join(PROPRIO_DATASETS)}; train without it: --no-proprio)')
+        if values.ndim != 2 or values.shape[0] != length:
+            raise ValueError(f'{where}/obs/{name} has shape {list(values.shape)}, expected '
+                             f'[{length}, n]')
+        parts.append(np.asarray(values, dtype=np.float32))
+    state = np.concatenate(parts, axis=1)
+    if state.shape[1] != len(PROPRIO_NAMES):
+        raise ValueError(f'{where}: {state.shape[1]} state values in {PROPRIO_DATASETS}, '
+                         f'expected {len(PROPRIO_NAMES)} ({", ".join(PROPRIO_NAMES)})')
+    if not np.isfinite(state).all():
+        raise ValueError(f'{where}: non-finite values in {PROPRIO_DATASETS}')
+    return state
 
 
 def split_episodes(episodes: list[Episode], fraction: float,
@@ -395,8 +430,11 @@ class DemoData:
                            for i in indices])  # [B, S, S, 3]
         if generator is not None:
             images = augment_images(torch.from_numpy(images), generator).numpy()
-        instructions = [self.episodes[int(self.episode[i])].instruction for i in indices]
-        inputs = self.processor(list(images), instructions)
+        episodes = [self.episodes[int(self.episode[i])] for i in indices]
+        inputs = self.processor(list(images), [e.instruction for e in episodes])
+        if episodes[0].proprio is not None:
+            inputs['proprio'] = torch.from_numpy(np.stack(
+                [e.proprio[int(self.t[i])] for e, i in zip(episodes, indices, strict=True)]))
         return inputs, torch.from_numpy(self.codes[indices]).long()
 
     def draw(self, pool: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -431,23 +469,19 @@ def encode_chunks(tokenizer: ActionTokenizer, chunks: np.ndarray,
 def teacher_forced_logits(model: MainModel, inputs: dict, codes: torch.Tensor) -> torch.Tensor:
     """ONE causal forward over [prompt, layers 0..L-2] -> logits of layers 0..L-1 [B, L, C, V].
 
-    codes [B, L, C] long (the targets; layers 0..L-2 are fed). The prompt positions hold the
-    LLaVA-merged image features and words exactly as in `MainModel.prefill`; position ids run on
-    from the prompt as in `MainModel.forward_layers`.
+    codes [B, L, C] long (the targets; layers 0..L-2 are fed). The prompt positions are exactly
+    those of `MainModel.prefill` (`embed_prompt`); position ids run on from the prompt as in
+    `MainModel.forward_layers`.
     """
-    input_ids = inputs['input_ids'].to(model.device)  # [B, S]
-    pixel_values = inputs['pixel_values'].to(model.device, model.dtype)  # [B, 3, I, I]
+    prompt, pixel_values = model.embed_prompt(inputs)  # [B, S', H]
     codes = codes.to(model.device)
-    llava = model.backbone.model
-    prompt = llava.get_input_embeddings()(input_ids)  # [B, S, H]
     layers = model.layer_embedding(codes[:, :-1], first_layer=0)  # [B, L-1, H]
-    embeds = torch.cat([prompt, layers.to(prompt.dtype)], dim=1)  # [B, S+L-1, H]
+    embeds = torch.cat([prompt, layers.to(prompt.dtype)], dim=1)  # [B, S'+L-1, H]
     batch, length = embeds.shape[:2]
     positions = torch.arange(length, device=model.device).expand(batch, length)
-    # LLaVA finds the image placeholders by comparing embeddings with the <image> embedding.
-    out = llava(inputs_embeds=embeds, pixel_values=pixel_values, position_ids=positions,
-                use_cache=False)
-    hidden = out.last_hidden_state[:, input_ids.shape[1] - 1:]  # [B, L, H]
+    out = model.backbone.model(inputs_embeds=embeds, pixel_values=pixel_values,
+                               position_ids=positions, use_cache=False)
+    hidden = out.last_hidden_state[:, prompt.shape[1] - 1:]  # [B, L, H]
     return model.rfsq_head(hidden)  # [B, L, C, V]
 
 
@@ -637,8 +671,11 @@ def write_observations(frames: FrameReader, samples: list[tuple[int, int]],
         name = f'images/{number:06d}.png'
         Image.fromarray(frames.raw(episode, t)).save(directory / name)
         info = frames.episodes[episode]
-        lines.append(json.dumps({'image': name, 'instruction': info.instruction,
-                                 'source': str(info.file), 'demo': info.demo, 'step': t}))
+        entry = {'image': name, 'instruction': info.instruction, 'source': str(info.file),
+                 'demo': info.demo, 'step': t}
+        if info.proprio is not None:
+            entry['proprio'] = [float(v) for v in info.proprio[t]]
+        lines.append(json.dumps(entry))
     (directory / 'index.jsonl').write_text('\n'.join(lines) + '\n')
     return directory
 
@@ -672,7 +709,8 @@ def identity(config: TrainPolicyConfig, demos: list[dict]) -> dict:
     return {'demos': [d['sha256'] for d in demos],
             'init': str(Path(config.init).resolve()) if config.init else None,
             'preset': None if config.init else config.preset, 'seed': config.seed,
-            'heldout_fraction': config.heldout_fraction, 'freeze_vision': config.freeze_vision}
+            'heldout_fraction': config.heldout_fraction, 'freeze_vision': config.freeze_vision,
+            'proprio': config.proprio}
 
 
 def build_model(config: TrainPolicyConfig, tokenizer_config: TokenizerConfig,
@@ -712,6 +750,25 @@ def get_tokenizer(config: TrainPolicyConfig, out: Path, episodes: list[Episode],
     return tokenizer
 
 
+def set_proprio(model: MainModel, proprio: bool, episodes: list[Episode],
+                train_episodes: list[int]) -> None:
+    """Give the model a new proprioception input standardised with the training episodes'
+    state statistics (kept as it is when the --init model has one), or refuse a mismatch."""
+    if not proprio:
+        if model.proprio is not None:
+            raise ValueError(f'the --init model takes proprioception '
+                             f'({", ".join(model.proprio_names)}); drop --no-proprio')
+        return
+    if model.proprio is not None:
+        if model.proprio_names != PROPRIO_NAMES:
+            raise ValueError(f'the --init model reads proprio {list(model.proprio_names)}, the '
+                             f'demos give {list(PROPRIO_NAMES)}')
+        return                          # fine-tuning keeps the statistics it was trained with
+    model.add_proprio(PROPRIO_NAMES)
+    states = torch.from_numpy(np.concatenate([episodes[i].proprio for i in train_episodes]))
+    model.proprio.set_statistics(states.mean(0), states.std(0))  # [P] each
+
+
 def check_compatible(model: MainModel, tokenizer: ActionTokenizer, action_dim: int) -> None:
     """ValueError unless the tokenizer's (L, C, V) match the model's heads and its action
     dims the demos'."""
@@ -734,12 +791,13 @@ def prepare(config: TrainPolicyConfig) -> tuple[Run, Path | None]:
     if not config.resume and out.exists() and any(out.iterdir()):
         raise ValueError(f'{out}: not empty; continue a run with --resume or choose a new '
                          'directory')
-    episodes = read_episodes(config.demos)
+    episodes = read_episodes(config.demos, proprio=config.proprio)
     demos = demo_provenance(episodes)
     (out / 'checkpoint').mkdir(parents=True, exist_ok=True)
     if checkpoints:
         saved = json.loads((checkpoints[-1] / 'state.json').read_text()).get('identity', {})
         wanted = identity(config, demos)
+        saved = {**LATER_KEYS, **saved}
         changed = [f'{k} {saved.get(k)!r} -> {wanted[k]!r}' for k in RESUME_KEYS
                    if saved.get(k) != wanted[k]]
         if changed:
@@ -754,6 +812,7 @@ def prepare(config: TrainPolicyConfig) -> tuple[Run, Path | None]:
     tokenizer = get_tokenizer(config, out, episodes, train_ep, bool(checkpoints))
     model, names, period, source = build_model(config, tokenizer.config)
     check_compatible(model, tokenizer, episodes[0].actions.shape[1])
+    set_proprio(model, config.proprio, episodes, train_ep)
     frames = FrameReader(episodes, model.processor.image_size, config.cache_mb)
     data = DemoData(episodes, model, tokenizer, frames)
     run = Run(config, out, model, tokenizer, episodes, frames, data, train_ep, held_ep, demos,
@@ -1014,6 +1073,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='memory for decoded frames (uint8 at the model image size)')
     parser.add_argument('--freeze-vision', action='store_true',
                         help='do not train the vision tower')
+    parser.add_argument('--proprio', action=argparse.BooleanOptionalAction,
+                        default=defaults.proprio,
+                        help='condition on the robot state: obs/joint_states + '
+                             'obs/gripper_states (the JointState on joint_states at run time)')
     parser.add_argument('--gradient-checkpointing', action='store_true',
                         help='recompute activations in the backward pass (less memory)')
     parser.add_argument('--distill-draft', action=argparse.BooleanOptionalAction,

@@ -7,6 +7,8 @@
   "the current state" rather than a target, and the last point's time is the chunk's duration.
 - `stats_json`: one ChunkStats (+ node-side figures) -> the `policy_stats` JSON line, with the
   source image's stamp so a listener can match it to the chunk.
+- `joint_state_vector`: sensor_msgs/JointState -> the robot state [P] a model with
+  proprioception takes, picked by joint name (any order, extra joints ignored).
 - `inference_status`: counters and aggregated statistics -> a diagnostic_msgs/DiagnosticStatus
   the way diagnostic_updater builds them ('<node name>: <task>', hardware_id, OK/WARN/ERROR,
   key/values as text).
@@ -20,6 +22,7 @@ import math
 from builtin_interfaces.msg import Duration, Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 import numpy as np
+from sensor_msgs.msg import JointState
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from rsd_core.stats import ChunkStats
@@ -73,6 +76,28 @@ def chunk_to_trajectory(actions: np.ndarray, stamp: Time, frame_id: str,
     return msg, n_clipped
 
 
+def joint_state_vector(msg: JointState, names: Sequence[str]) -> np.ndarray:
+    """The positions of `names` in `msg` (rad or m, as published) -> [P] float32.
+
+    ValueError (a stable text, fit to log once) when name and position lengths differ, a name
+    is missing or repeated, or a position is not finite.
+    """
+    if len(msg.position) != len(msg.name):
+        raise ValueError(f'joint_states has {len(msg.name)} names but {len(msg.position)} '
+                         'positions')
+    index = {name: i for i, name in enumerate(msg.name)}
+    if len(index) != len(msg.name):
+        raise ValueError(f'joint_states repeats joint names: {list(msg.name)}')
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise ValueError(f'joint_states lacks {missing} (the model reads {list(names)}; '
+                         f'received {list(msg.name)})')
+    state = np.array([msg.position[index[n]] for n in names], dtype=np.float32)  # [P]
+    if not np.isfinite(state).all():
+        raise ValueError(f'joint_states positions of {list(names)} are not all finite')
+    return state
+
+
 def _plain(value):
     """JSON-safe: numpy scalars -> Python, non-finite floats -> None."""
     if isinstance(value, np.generic):
@@ -101,6 +126,7 @@ class Counters:
     clipped: int = 0           # action values clipped to the limits
     bad_images: int = 0        # images refused (encoding, size, step, data length)
     bad_instructions: int = 0  # instructions refused (empty, whitespace, not UTF-8)
+    no_state: int = 0          # images not acted on: no usable joint_states (proprio models)
     errors: int = 0            # engine exceptions
 
     def since(self, earlier: 'Counters') -> 'Counters':
@@ -114,8 +140,9 @@ def status_level(new: Counters, *, waiting_for_instruction: bool, error: str | N
     """(level, message) from the counts of the last period and the node's state.
 
     ERROR while the last inference failed (until a chunk succeeds); WARN when no instruction
-    is in force, no image arrived, or images arrived but none gave a chunk, or some were stale
-    or bad; OK otherwise. Dropped frames are normal (camera faster than inference).
+    is in force, no image arrived, or images arrived but none gave a chunk, or some were stale,
+    bad or without the joint states the model needs; OK otherwise. Dropped frames are normal
+    (camera faster than inference).
     """
     if error:
         return DiagnosticStatus.ERROR, f'inference failed: {error}'
@@ -125,7 +152,9 @@ def status_level(new: Counters, *, waiting_for_instruction: bool, error: str | N
         return DiagnosticStatus.WARN, 'no camera images received'
     problems = [f'{count} {what}' for count, what in ((new.stale, 'stale images'),
                                                       (new.bad_images, 'bad images'),
-                                                      (new.bad_instructions, 'bad instructions'))
+                                                      (new.bad_instructions, 'bad instructions'),
+                                                      (new.no_state, 'images without joint '
+                                                                     'states'))
                 if count]
     if new.chunks == 0:
         return DiagnosticStatus.WARN, 'no chunk published' + (

@@ -1,8 +1,9 @@
 """How much latency the ROS layer adds on top of the engine: `python -m rsd_ros.overhead`.
 
 Plays a camera: publishes N 224x224 rgb8 frames on `camera/image_raw` (instruction once on
-`instruction`) to a policy node and records, for each frame, the camera-to-action latency
-(receive time of its `action_chunk` - header.stamp) and the engine's own `total_ms` for the
+`instruction`; before each frame a JointState on `joint_states` with the same stamp when the
+model takes proprioception) to a policy node and records, for each frame, the camera-to-action
+latency (receive time of its `action_chunk` - header.stamp) and the engine's own `total_ms` for the
 same frame (the `policy_stats` line with the same stamp). Frames go one at a time, each after
 the previous chunk arrived, so the difference is transport + conversion + node overhead, not
 queueing behind an earlier inference. Prints p50/p90 of latency, engine time and overhead.
@@ -29,10 +30,12 @@ import rclpy
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 from trajectory_msgs.msg import JointTrajectory
 
+from rsd_core.bundle import default_bundle_dir
+from rsd_core.main_model import heads_proprio_names
 from rsd_ros.image_conversion import array_to_imgmsg
 from rsd_ros.messages import stamp_ns
 from rsd_ros.policy_node import CHUNK_QOS, INSTRUCTION_QOS, STATS_QOS, PolicyNode
@@ -43,9 +46,12 @@ INSTRUCTION = 'pick up the black bowl and place it on the plate'
 class Camera(Node):
     """Publishes frames and the instruction; collects chunk receive times and policy_stats."""
 
-    def __init__(self, **node_kwargs) -> None:
+    def __init__(self, joint_names: tuple[str, ...] = (), **node_kwargs) -> None:
         super().__init__('rsd_overhead_camera', **node_kwargs)
+        self.joint_names = joint_names
         self.image_pub = self.create_publisher(Image, 'camera/image_raw', qos_profile_sensor_data)
+        self.joint_pub = self.create_publisher(JointState, 'joint_states',
+                                               qos_profile_sensor_data)
         self.instruction_pub = self.create_publisher(String, 'instruction', INSTRUCTION_QOS)
         self.chunk_received: dict[int, int] = {}          # stamp ns -> receive time ns
         self.stats: dict[int, dict] = {}                  # stamp ns -> policy_stats record
@@ -64,6 +70,7 @@ class Camera(Node):
         """Every endpoint matched with the policy's (a sample sent earlier may be lost)."""
         return (self.image_pub.get_subscription_count() > 0
                 and self.instruction_pub.get_subscription_count() > 0
+                and (not self.joint_names or self.joint_pub.get_subscription_count() > 0)
                 and all(s.get_publisher_count() > 0 for s in self.subscriptions_in))
 
 
@@ -128,6 +135,11 @@ def measure(camera: Camera, executor: SingleThreadedExecutor, args: argparse.Nam
         msg = array_to_imgmsg(frame(rng, args.size))
         stamp = camera.get_clock().now()                # the camera's capture time
         msg.header.stamp = stamp.to_msg()
+        if camera.joint_names:
+            joints = JointState(name=list(camera.joint_names),
+                                position=rng.normal(0.0, 0.5, len(camera.joint_names)).tolist())
+            joints.header.stamp = msg.header.stamp
+            camera.joint_pub.publish(joints)
         camera.image_pub.publish(msg)
         key = stamp.nanoseconds
         # A warm-up frame or chunk may be lost while discovery completes: move on quickly.
@@ -208,7 +220,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.policy == 'in-process':
             stop = start_in_process(args)
-        camera = Camera(context=context, namespace=args.namespace)
+        names = heads_proprio_names(args.model_dir or default_bundle_dir())
+        camera = Camera(names, context=context, namespace=args.namespace)
         executor = SingleThreadedExecutor(context=context)
         executor.add_node(camera)
         exited = (lambda: process.poll() is not None) if process else (lambda: False)

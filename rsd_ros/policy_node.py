@@ -39,6 +39,7 @@ import threading
 import traceback
 
 from diagnostic_msgs.msg import DiagnosticArray
+import numpy as np
 from rcl_interfaces.msg import (
     FloatingPointRange,
     IntegerRange,
@@ -52,7 +53,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.time import Time
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 from trajectory_msgs.msg import JointTrajectory
 
@@ -67,6 +68,7 @@ from rsd_ros.messages import (
     chunk_to_trajectory,
     diagnostic_array,
     inference_status,
+    joint_state_vector,
     stats_json,
     status_level,
     status_values,
@@ -214,6 +216,7 @@ class PolicyNode(Node):
 
         self._cond = threading.Condition()      # guards everything below up to the worker
         self._pending: tuple[Image, int] | None = None   # (newest image, receive time ns)
+        self._joints: JointState | None = None           # newest joint state
         self._instruction: str | None = None
         self._counters = Counters()
         self._reported = Counters()
@@ -231,13 +234,18 @@ class PolicyNode(Node):
                                                    qos_profile_sensor_data)
         self._instruction_sub = self.create_subscription(String, 'instruction',
                                                          self._on_instruction, INSTRUCTION_QOS)
+        self._joints_sub = None
+        if self._engine.proprio_names:      # the model takes proprioception
+            self._joints_sub = self.create_subscription(JointState, 'joint_states',
+                                                        self._on_joints, qos_profile_sensor_data)
         self._diag_timer = self.create_timer(self._settings.diagnostics_period,
                                              self._publish_diagnostics)
         self._worker = threading.Thread(target=self._run_worker, name='rsd_policy_inference',
                                         daemon=True)
         self._worker.start()
+        state = f' + {self._joints_sub.topic_name}' if self._joints_sub else ''
         self.get_logger().info(
-            f'ready: {self._image_sub.topic_name} + {self._instruction_sub.topic_name} -> '
+            f'ready: {self._image_sub.topic_name} + {self._instruction_sub.topic_name}{state} -> '
             f'{self._chunk_pub.topic_name} (draft: {"yes" if self._engine.draft else "no"}, '
             f'use_draft={self._engine.config.use_draft}, '
             f'acceptance={self._settings.acceptance})')
@@ -343,6 +351,10 @@ class PolicyNode(Node):
             self.get_logger().info(f'images arriving; waiting for an instruction on '
                                    f'{self._instruction_sub.topic_name} before acting')
 
+    def _on_joints(self, msg: JointState) -> None:
+        with self._cond:
+            self._joints = msg
+
     def _on_instruction(self, msg: String) -> None:
         problem = instruction_problem(msg.data)
         if problem:
@@ -429,9 +441,14 @@ class PolicyNode(Node):
                 self._counters.bad_images += 1
             self._log_once('warning', str(error), f'image refused: {error}')
             return
+        proprio = None
+        if self._engine.proprio_names:
+            proprio = self._robot_state(stamp, settings)
+            if proprio is None:
+                return
         converted = self.get_clock().now()
         try:
-            actions, stats = self._engine.predict(image, instruction)
+            actions, stats = self._engine.predict(image, instruction, proprio=proprio)
             predicted = self.get_clock().now()
             chunk, clipped = chunk_to_trajectory(
                 actions, msg.header.stamp, settings.frame_id, settings.action_names,
@@ -463,6 +480,32 @@ class PolicyNode(Node):
             except RuntimeError:       # rclpy's RCLError
                 if self.context.ok():
                     raise              # the context went down between the check and publish
+
+    def _robot_state(self, image_stamp: Time, settings: Settings) -> np.ndarray | None:
+        """The newest joint state as the model's proprio [P], or None (counted, logged) when
+        there is none, it is malformed, or it is older than the image by more than
+        max_image_age."""
+        with self._cond:
+            joints = self._joints
+        try:
+            if joints is None:
+                raise ValueError(f'no joint_states received on {self._joints_sub.topic_name} '
+                                 'yet; the model needs the robot state')
+            state = joint_state_vector(joints, self._engine.proprio_names)
+        except ValueError as error:
+            with self._cond:
+                self._counters.no_state += 1
+            self._log_once('warning', str(error), f'image not acted on: {error}')
+            return None
+        lag = (image_stamp - Time.from_msg(joints.header.stamp)).nanoseconds * 1e-9
+        if settings.max_image_age > 0 and lag > settings.max_image_age:
+            with self._cond:
+                self._counters.no_state += 1
+            self.get_logger().warning(
+                f'joint_states {lag:.3f} s older than the image > max_image_age '
+                f'{settings.max_image_age} s: not acted on', throttle_duration_sec=5.0)
+            return None
+        return state
 
     def _engine_failed(self, error: Exception, msg: Image, image, instruction: str) -> None:
         summary = f'{type(error).__name__}: {error}'
@@ -501,6 +544,9 @@ def main(args: list[str] | None = None) -> None:
             node = PolicyNode()
             try:
                 rclpy.spin(node)
+            except RuntimeError:       # rclpy's RCLError: a signal shut the context down
+                if node.context.ok():  # while the executor built its wait set
+                    raise
             finally:
                 # A signal shuts the context down without destroying its nodes: stop the
                 # inference thread before the interpreter exits under it.

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import torch
 
-from rsd_core.bench import generated_inputs, observation_inputs, paired_speedup
+from rsd_core.bench import generated_inputs, observation_inputs, paired_speedup, state_statistics
 from rsd_core.engine import RSDEngine
 from rsd_core.stats import StatsAggregator
 
@@ -46,14 +46,15 @@ def decode_all(engines: dict[str, RSDEngine], inputs: list, warmup: int) -> dict
     runs += [(f'{name}/{mode}', engine, config) for name, engine in engines.items()
              for mode, config in MODES.items()]
     for i in range(warmup):
+        image, instruction, proprio = inputs[i % len(inputs)]
         for _, engine, config in runs:
             engine.update_config(**config)
-            engine.predict(*inputs[i % len(inputs)])
+            engine.predict(image, instruction, proprio=proprio)
     results = {name: (StatsAggregator(), []) for name, _, _ in runs}
-    for image, instruction in inputs:          # interleaved: load drift hits every run alike
+    for image, instruction, proprio in inputs:   # interleaved: load drift hits every run alike
         for name, engine, config in runs:
             engine.update_config(**config)
-            actions, stats = engine.predict(image, instruction)
+            actions, stats = engine.predict(image, instruction, proprio=proprio)
             results[name][0].add(stats)
             results[name][1].append(actions)
     return {name: (agg, np.stack(actions)) for name, (agg, actions) in results.items()}
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     engines = {'trained': engine, 'reinit_projection': reinitialised_projection(engine,
                                                                                 args.seed)}
     inputs = (observation_inputs(Path(args.observations), args.num_inputs)
-              if args.observations else generated_inputs(args.num_inputs, seed=args.seed + 1))
+              if args.observations else generated_inputs(args.num_inputs, seed=args.seed + 1,
+                                                         state=state_statistics(engine)))
     rows = summarise(decode_all(engines, inputs, args.warmup))
     if args.json:
         print(json.dumps(rows, indent=2))

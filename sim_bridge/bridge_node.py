@@ -601,6 +601,9 @@ def main(args: list[str] | None = None) -> int:
                 end = time.monotonic() + 0.5
                 while time.monotonic() < end:
                     executor.spin_once(timeout_sec=0.05)
+            except RuntimeError:       # rclpy's RCLError: a signal shut the context down
+                if node.context.ok():  # while the executor built its wait set
+                    raise
             finally:
                 node.stop()
                 code = node.exit_code

@@ -208,6 +208,9 @@ def main(args: list[str] | None = None) -> int:
                 return 2
             try:
                 rclpy.spin(node)
+            except RuntimeError:       # rclpy's RCLError: a signal shut the context down
+                if node.context.ok():  # while the executor built its wait set
+                    raise
             finally:
                 node.destroy_node()
     except (KeyboardInterrupt, ExternalShutdownException):

@@ -5,7 +5,9 @@ image; then optionally take a few random actions and save again, `--steps-per-st
 per state in all. The directory format (docs/ARCHITECTURE.md, "Observation directories"):
 
     <out>/index.jsonl   {"image": "images/000000.png", "instruction", "suite", "task_id",
-                         "init_state", "step"} per line
+                         "init_state", "step", "proprio"} per line; proprio: the arm joint
+                         positions (rad) then the gripper finger positions (m), the values
+                         the bridge publishes on joint_states
     <out>/images/*.png  RGB uint8, upright
 
 `rsd train-draft` reads it to distil the draft model on realistic prompts.
@@ -105,7 +107,9 @@ def record(args: argparse.Namespace, tasks: list[int]) -> int:
                         index.write(json.dumps({
                             'image': name, 'instruction': task.language, 'suite': args.suite,
                             'task_id': task_id, 'init_state': init_state,
-                            'step': obs.step}) + '\n')
+                            'step': obs.step, 'proprio': [
+                                float(v) for v in (*obs.robot.joint_pos,
+                                                   *obs.robot.gripper_qpos)]}) + '\n')
                         count += 1
                         progress.update()
     return count

@@ -1,5 +1,5 @@
 """Test-session environment: a private ROS domain on loopback, headless rendering, one torch
-thread per process, and the `ros_context` and `tiny_bundle` fixtures."""
+thread per process, and the `ros_context`, `tiny_bundle` and `proprio_bundle` fixtures."""
 
 import os
 import random
@@ -34,3 +34,16 @@ def tiny_bundle(tmp_path_factory):
     from rsd_core.bundle import make_test_bundle
 
     return make_test_bundle(tmp_path_factory.mktemp('tiny_bundle') / 'bundle')
+
+
+TEST_JOINTS = ('arm_joint1', 'arm_joint2', 'finger_joint')
+
+
+@pytest.fixture(scope='session')
+def proprio_bundle(tmp_path_factory):
+    """A tiny main bundle whose model also takes the robot state: the positions of TEST_JOINTS
+    (untrained proprioception input, unit statistics), built once per test session."""
+    from rsd_core.bundle import make_test_bundle
+
+    return make_test_bundle(tmp_path_factory.mktemp('proprio_bundle') / 'bundle', seed=1,
+                            proprio_names=TEST_JOINTS)

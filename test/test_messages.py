@@ -6,6 +6,7 @@ from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticStatus
 import numpy as np
 import pytest
+from sensor_msgs.msg import JointState
 
 from rsd_core.bundle import DEFAULT_ACTION_NAMES
 from rsd_core.stats import ChunkStats, StatsAggregator
@@ -16,6 +17,7 @@ from rsd_ros.messages import (
     diagnostic_array,
     duration,
     inference_status,
+    joint_state_vector,
     stamp_ns,
     stats_json,
     status_level,
@@ -122,3 +124,20 @@ def test_status_values_and_diagnostic_array():
 def test_counters_since():
     assert Counters(frames=10, dropped=4).since(Counters(frames=7, dropped=1)) == \
         Counters(frames=3, dropped=3)
+
+
+def test_joint_state_vector_picks_the_model_joints_by_name():
+    msg = JointState(name=['j3', 'x', 'j1', 'j2'], position=[3.0, 9.0, 1.0, 2.0])
+    state = joint_state_vector(msg, ('j1', 'j2', 'j3'))
+    assert state.dtype == np.float32 and state.tolist() == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize('msg, message', [
+    (JointState(name=['j1', 'j2'], position=[1.0]), '2 names but 1 positions'),
+    (JointState(name=['j1', 'j1'], position=[1.0, 2.0]), 'repeats joint names'),
+    (JointState(name=['j1'], position=[1.0]), r"lacks \['j2'\]"),
+    (JointState(name=['j1', 'j2'], position=[1.0, float('nan')]), 'not all finite'),
+])
+def test_joint_state_vector_refuses_unusable_messages(msg, message):
+    with pytest.raises(ValueError, match=message):
+        joint_state_vector(msg, ('j1', 'j2'))

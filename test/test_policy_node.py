@@ -29,7 +29,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.parameter_client import AsyncParameterClient
 from rclpy.qos import qos_profile_sensor_data
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 import torch
 from trajectory_msgs.msg import JointTrajectory
@@ -279,6 +279,44 @@ def test_frames_older_than_max_image_age_get_no_chunk(run_policy):
     _, record = camera.chunk_for(fresh)
     assert record['stale'] == 1
     assert all(stamp_ns(c.header.stamp) != old for c in camera.chunks)
+
+
+def test_a_model_with_proprioception_acts_on_image_plus_joint_states(run_policy,
+                                                                     proprio_bundle):
+    """The node subscribes joint_states only for such a model, picks the model's joints by
+    name, and does not act (counted, not crashed) without a usable joint state."""
+    from conftest import TEST_JOINTS
+
+    camera, policy = run_policy(model_dir=str(proprio_bundle), max_image_age=1.0)
+    joints = camera.create_publisher(JointState, 'joint_states', qos_profile_sensor_data)
+    assert camera.spin_until(lambda: joints.get_subscription_count() > 0)
+    camera.instruct()
+    camera.send()
+    camera.wait_counter('no state', 1)                         # nothing received yet
+
+    def publish(names, positions, age=0.0):
+        msg = JointState(name=list(names), position=[float(v) for v in positions])
+        msg.header.stamp = (camera.get_clock().now() - Duration(seconds=age)).to_msg()
+        joints.publish(msg)
+        assert camera.spin_until(lambda: policy.node._joints is not None
+                                 and policy.node._joints.header.stamp == msg.header.stamp)
+
+    publish(TEST_JOINTS[:2], [0.1, 0.2])                       # a joint missing
+    camera.send()
+    camera.wait_counter('no state', 2)
+    publish(('extra',) + TEST_JOINTS[::-1], [9.0, 0.04, -1.2, 0.3], age=3.0)   # stale
+    camera.send()
+    camera.wait_counter('no state', 3)
+    publish(('extra',) + TEST_JOINTS[::-1], [9.0, 0.04, -1.2, 0.3])  # any order, extras ignored
+    chunk, record = camera.chunk_for(camera.send())
+    assert len(chunk.points) == 8 and record['no_state'] == 3
+    picture = camera.rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    state = np.array([0.3, -1.2, 0.04], np.float32)
+    expected, _ = policy.node._engine.predict(picture, INSTRUCTION, proprio=state)
+    stamp = camera.send(array_to_imgmsg(picture))
+    chunk, _ = camera.chunk_for(stamp)
+    np.testing.assert_allclose([p.positions for p in chunk.points],
+                               np.clip(expected, -1, 1), atol=1e-6)
 
 
 def test_parameters_switch_at_run_time_and_bad_values_are_refused(run_policy, draft_dir):

@@ -23,6 +23,7 @@ from rsd_core.cli import main as rsd
 from rsd_core.engine import RSDEngine
 from rsd_core.main_model import MainModel
 from rsd_core.train_policy import (
+    PROPRIO_NAMES,
     FrameReader,
     TrainPolicyConfig,
     augment_images,
@@ -52,8 +53,10 @@ def upright_frame(colour: str, t: int, size: int = 32) -> np.ndarray:
 
 
 def write_demo_file(path: Path, instruction: str, colours: list[str], seed: int = 0,
-                    length: int = LENGTH) -> Path:
-    """A LIBERO-layout demo file: data/demo_i/{actions, obs/agentview_rgb (upside down), ...}."""
+                    length: int = LENGTH, states: list[float] | None = None) -> Path:
+    """A LIBERO-layout demo file: data/demo_i/{actions, obs/agentview_rgb (upside down), ...}.
+
+    states: per demo, the value of every arm joint in obs/joint_states (written only then)."""
     rng = np.random.default_rng(seed)
     with h5py.File(path, 'w') as stream:
         data = stream.create_group('data')
@@ -71,6 +74,10 @@ def write_demo_file(path: Path, instruction: str, colours: list[str], seed: int 
             demo.create_dataset('obs/agentview_rgb', data=raw)
             demo.create_dataset('obs/ee_pos', data=np.zeros((length, 3), np.float32))
             demo.create_dataset('obs/gripper_states', data=np.zeros((length, 2), np.float32))
+            if states is not None:
+                joints = np.full((length, 7), states[i], np.float32)
+                joints += rng.normal(0, 0.01, joints.shape).astype(np.float32)
+                demo.create_dataset('obs/joint_states', data=joints)
     return path
 
 
@@ -93,9 +100,27 @@ def trained(demos, tmp_path_factory):
                     '--lr', '1e-3', '--eval-every', '20', '--save-every', '30',
                     '--heldout-fraction', '0.34', '--eval-samples', '64',
                     '--draft-observations', '16', '--draft-samples', '32',
-                    '--draft-epochs', '2', '--no-progress', '--json'])
+                    '--draft-epochs', '2', '--no-progress', '--no-proprio', '--json'])
     assert code == 0
     return out, json.loads(printed.getvalue())
+
+
+@pytest.fixture(scope='module')
+def trained_on_state(tmp_path_factory):
+    """The tiny preset trained with proprioception on demos whose images are all alike: only
+    the joint states (+0.5 or -0.5) tell +x from +y."""
+    root = tmp_path_factory.mktemp('state_demos')
+    colours, states = ['red', 'green'] * 3, [0.5, -0.5] * 3
+    demos = [write_demo_file(root / 'a.hdf5', LONG_TASK, colours, seed=2, states=states)]
+    with h5py.File(demos[0], 'a') as stream:           # one grey picture for every frame
+        for name in stream['data']:
+            stream[f'data/{name}/obs/agentview_rgb'][...] = 128
+    out = tmp_path_factory.mktemp('bc_state') / 'bundle'
+    metrics = train_policy(TrainPolicyConfig(
+        demos=[str(p) for p in demos], out=str(out), preset='tiny', tokenizer_steps=60,
+        steps=150, lr=1e-3, eval_every=50, save_every=50, heldout_fraction=0.0,
+        eval_samples=32, distill_draft=False, progress=False))
+    return out, metrics
 
 
 # ---------------------------------------------------------------- data
@@ -212,13 +237,34 @@ def test_draft_is_distilled_from_the_trained_model(trained):
     assert actions.shape == (8, 7) and stats.used_draft and stats.layers_proposed == 3
 
 
+def test_proprioception_is_learned_from_the_joint_states(trained_on_state):
+    out, _ = trained_on_state
+    engine = RSDEngine.from_dirs(out, draft_dir='')
+    assert engine.proprio_names == PROPRIO_NAMES
+    grey = np.full((32, 32, 3), 128, np.uint8)
+    for value, axis in ((0.5, 0), (-0.5, 1)):
+        state = np.array([value] * 7 + [0.0, 0.0], np.float32)
+        actions, _ = engine.predict(grey, LONG_TASK, proprio=state)
+        assert int(np.argmax(actions[:, :3].mean(0))) == axis, (value, actions.mean(0))
+    with pytest.raises(ValueError, match='takes proprioception'):
+        engine.predict(grey, LONG_TASK)
+
+
+def test_proprioception_needs_the_state_datasets(demos, tmp_path):
+    with pytest.raises(ValueError, match=r'no obs/joint_states dataset .*--no-proprio'):
+        read_episodes(demos, proprio=True)
+    with pytest.raises(ValueError, match='no obs/joint_states'):
+        train_policy(TrainPolicyConfig(demos=[str(demos[0])], out=str(tmp_path / 'o'),
+                                       preset='tiny', progress=False))
+
+
 # ---------------------------------------------------------------- resume and fine-tuning
 
 def config(demos, out, init, **changes) -> TrainPolicyConfig:
     settings = dict(demos=[str(p) for p in demos], out=str(out), init=str(init),
                     tokenizer=str(init / 'action_tokenizer'), steps=12, lr=1e-3,
                     batch_size=8, eval_every=6, save_every=5, eval_samples=16,
-                    heldout_fraction=0.2, distill_draft=False, progress=False)
+                    heldout_fraction=0.2, distill_draft=False, progress=False, proprio=False)
     return TrainPolicyConfig(**{**settings, **changes})
 
 
