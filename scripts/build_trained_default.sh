@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Rebuild the trained default bundle (models/default) from nothing but this repository: the
 # exact commands and seeds that made the committed one. About 35 min of demonstrations and
-# 65 min of training and draft distillation on 2 CPU cores.
+# 2 h of training and draft distillation on 2 CPU cores.
 #
 #   scripts/build_trained_default.sh [OUT]     (default OUT: models/default-rebuilt)
 #
 # 1. collect-demos: the scripted expert on the 10 libero_spatial tasks x initial states 0-11,
 #    in two processes (initial states 0-5 and 6-11, one directory each; 128 px agent view).
-# 2. train-policy: the 'small' preset (128 px, 64 image tokens, 6.1 M parameters) by behaviour
-#    cloning on those demos, seed 0; it fits the action tokenizer on the demos first and
-#    distils the draft into OUT/draft at the end. Resumable: run it again after an interruption.
+# 2. train-policy on images and language (--no-proprio): the 'small' preset (128 px, 64 image
+#    tokens, 6.1 M parameters) by behaviour cloning on those demos, seed 0; it fits the action
+#    tokenizer on the demos first. Into OUT-vision.
+# 3. train-policy --init OUT-vision: the same model given proprioception (the arm joint and
+#    gripper finger positions, one prompt position), fine-tuned on the same demos with the same
+#    action tokenizer; it distils the draft into OUT/draft at the end.
+# Every stage is resumable: run the script again after an interruption.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:-$ROOT/models/default-rebuilt}"
@@ -26,18 +30,29 @@ first=$!
   --out "$DEMOS/b" --resume
 wait "$first"
 
-# Two stages, exactly as the committed bundle was made: a 2400-step cosine schedule stopped at
-# step 2000, then continued (--resume) under a 4000-step schedule, which raises the learning
-# rate again from ~3e-5 to ~2.5e-4 (a warm restart) and decays it to zero at step 4000.
-TRAIN=("$RSD" train-policy --demos "$DEMOS/a" "$DEMOS/b" --out "$OUT" --preset small --seed 0
-  --batch-size 32 --lr 5e-4 --threads 2 --eval-every 400 --save-every 400)
-last="$(find "$OUT/checkpoint" -maxdepth 1 -name 'step-*' 2>/dev/null | sort | tail -n 1)"
-step=0
-[[ -n "$last" ]] && step=$((10#${last##*step-}))
-if ((step < 2000)); then
-  resume=()
-  ((step > 0)) && resume=(--resume)
-  "${TRAIN[@]}" --steps 2400 --stop-after 2000 "${resume[@]}"
+# Stage 2 in two sessions, exactly as the committed bundle was made: a 2400-step cosine schedule
+# stopped at step 2000, then continued (--resume) under a 4000-step schedule, which raises the
+# learning rate again from ~3e-5 to ~2.5e-4 (a warm restart) and decays it to zero at step 4000.
+VISION="$OUT-vision"
+TRAIN=("$RSD" train-policy --demos "$DEMOS/a" "$DEMOS/b" --out "$VISION" --preset small --seed 0
+  --batch-size 32 --lr 5e-4 --threads 2 --eval-every 400 --save-every 400 --no-proprio
+  --no-distill-draft)
+if [[ ! -f "$VISION/manifest.json" ]]; then
+  last="$(find "$VISION/checkpoint" -maxdepth 1 -name 'step-*' 2>/dev/null | sort | tail -n 1)"
+  step=0
+  [[ -n "$last" ]] && step=$((10#${last##*step-}))
+  if ((step < 2000)); then
+    resume=()
+    ((step > 0)) && resume=(--resume)
+    "${TRAIN[@]}" --steps 2400 --stop-after 2000 "${resume[@]}"
+  fi
+  "${TRAIN[@]}" --steps 4000 --resume
 fi
-"${TRAIN[@]}" --steps 4000 --resume
+
+# Stage 3: proprioception, 4000 steps at a peak learning rate of 3e-4, then the draft.
+resume=()
+[[ -d "$OUT/checkpoint" ]] && resume=(--resume)
+"$RSD" train-policy --demos "$DEMOS/a" "$DEMOS/b" --out "$OUT" --init "$VISION" \
+  --tokenizer "$VISION/action_tokenizer" --seed 0 --batch-size 32 --lr 3e-4 --threads 2 \
+  --eval-every 400 --save-every 400 --steps 4000 "${resume[@]}"
 echo "trained bundle in $OUT (use it with RSD_MODEL_DIR=$OUT, or move it to models/default)"

@@ -33,16 +33,22 @@ def engine():
     return RSDEngine.from_dirs(DEFAULT, acceptance='exact')
 
 
-def observations(step: int) -> list[tuple[np.ndarray, str]]:
-    """The recorded libero_spatial frames at one episode step (0: the initial state)."""
-    return [(load_image(o.image), o.instruction) for o in read_observations(OBSERVATIONS)
-            if o.meta['step'] == step]
+def observations(step: int) -> list[tuple[np.ndarray, str, np.ndarray]]:
+    """The recorded libero_spatial frames at one episode step (0: the initial state), with the
+    instruction and the robot state."""
+    return [(load_image(o.image), o.instruction, o.proprio)
+            for o in read_observations(OBSERVATIONS) if o.meta['step'] == step]
+
+
+def test_default_policy_takes_the_libero_robot_state(engine):
+    assert engine.proprio_names == train_policy.PROPRIO_NAMES
+    assert all(len(proprio) == len(engine.proprio_names) for _, _, proprio in observations(0))
 
 
 def test_default_policy_acts_and_exact_speculation_changes_nothing(engine):
-    for image, instruction in observations(0)[::25]:
-        main_only, _ = engine.predict(image, instruction, use_draft=False)
-        speculative, stats = engine.predict(image, instruction, use_draft=True)
+    for image, instruction, proprio in observations(0)[::25]:
+        main_only, _ = engine.predict(image, instruction, use_draft=False, proprio=proprio)
+        speculative, stats = engine.predict(image, instruction, use_draft=True, proprio=proprio)
         assert main_only.shape == (8, 7) and np.isfinite(main_only).all()
         np.testing.assert_array_equal(speculative, main_only)
         assert stats.main_passes <= 8
@@ -51,6 +57,6 @@ def test_default_policy_acts_and_exact_speculation_changes_nothing(engine):
 def test_default_policy_starts_like_the_expert(engine):
     """From an initial state the expert moves towards the bowl with the gripper open
     (gripper -1): the trained policy does too, on every task; random weights do not."""
-    for image, instruction in observations(0)[::10]:
-        actions, _ = engine.predict(image, instruction, use_draft=False)  # [8, 7]
+    for image, instruction, proprio in observations(0)[::10]:
+        actions, _ = engine.predict(image, instruction, use_draft=False, proprio=proprio)
         assert (actions[:, 6] < 0).all(), instruction
