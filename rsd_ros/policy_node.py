@@ -20,16 +20,19 @@ down without destroying nodes). Publishing is done under the mailbox lock after 
 the node is stopping neither by `destroy_node` nor by a context shutdown, so a chunk that
 finishes during shutdown is discarded instead of racing the destruction of the publishers.
 
-Frames. The image callback only validates the message header fields (O(1)) and stores it;
-a frame replaced before the worker took it is counted as dropped. The worker refuses frames
-older than `max_image_age` (now - header.stamp, counted stale), converts the pixels (cv_bridge,
-see image_conversion), runs the engine with the instruction in force at that moment (the
-latest valid one received; until the first one arrives the node waits and says so once),
-clips to the action limits and publishes the chunk stamped with the image's stamp, then one
-JSON line on `policy_stats`. Bad input (image or instruction) is logged once per distinct
-problem and counted; an invalid instruction (empty, whitespace, not UTF-8) does not replace
-the one in force. An engine exception is logged once per distinct error with its context,
-turns the diagnostics to ERROR until a chunk succeeds, and the next good frame is processed.
+Frames. The image callback only validates the message header fields (O(1)) and stores it; a
+frame replaced before the worker took it is counted as dropped. The worker refuses frames older
+than `max_image_age` (now - header.stamp, counted stale), converts the pixels (cv_bridge, see
+image_conversion), runs the engine with the instruction in force at that moment (the latest
+valid one received; until the first one arrives the node waits and says so once), clips to the
+action limits and publishes the chunk stamped with the image's stamp, then one JSON line on
+`policy_stats`. A model that takes proprioception also gets the newest `joint_states` message
+(subscribed only then), its positions picked by the model's joint names; without a usable one
+(none yet, a joint missing, older than the image by more than `max_image_age`) the frame is
+counted as `no_state` and skipped. Bad input (image or instruction) is logged once per distinct
+problem and counted; an invalid instruction (empty, whitespace, not UTF-8) does not replace the
+one in force. An engine exception is logged once per distinct error with its context, turns the
+diagnostics to ERROR until a chunk succeeds, and the next good frame is processed.
 """
 
 from dataclasses import asdict, dataclass, replace
