@@ -299,9 +299,11 @@ class MainModel(nn.Module):
             raise CheckpointError(f'{path}: heads were built for hidden size '
                                   f'{manifest.get("hidden_size")}, the backbone has '
                                   f'{self.hidden_size}')
-        wrong = {k: (manifest.get(k, []), v) for k, v in self.heads_manifest().items()
-                 if k in ('num_layers', 'codes_per_layer', 'levels', 'proprio_names')
-                 and manifest.get(k, []) != v}
+        wrong = {k: (manifest.get(k), v) for k, v in self.heads_manifest().items()
+                 if k in ('num_layers', 'codes_per_layer', 'levels') and manifest.get(k) != v}
+        names = _proprio_names(manifest, path)
+        if names != self.proprio_names:
+            wrong['proprio_names'] = (list(names), list(self.proprio_names))
         if wrong:
             raise CheckpointError(f'{path}: ' + ', '.join(
                 f'{k} {found}, the bundle manifest says {want}'
@@ -357,7 +359,12 @@ class MainModel(nn.Module):
 def heads_proprio_names(bundle_dir: str | Path) -> tuple[str, ...]:
     """The proprioception input names a bundle's heads.json declares (empty: none)."""
     path = Path(bundle_dir) / f'{HEADS_NAME}.json'
-    names = load_manifest(path, HEADS_FORMAT).get('proprio_names', [])
+    return _proprio_names(load_manifest(path, HEADS_FORMAT), path)
+
+
+def _proprio_names(manifest: dict, path: Path) -> tuple[str, ...]:
+    """Validated 'proprio_names' of a heads.json (absent: none)."""
+    names = manifest.get('proprio_names', [])
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names) \
             or len(set(names)) != len(names):
         raise CheckpointError(f'{path}: proprio_names must be a list of distinct names, got '
