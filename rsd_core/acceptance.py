@@ -8,7 +8,8 @@ shared across the batch, so the accepted prefix must be too).
   then the one main-only greedy decoding gives.
 - tolerance: a layer passes when decoding with the draft's layer instead of the main's (after
   the prefix accepted so far) changes no action value by more than a per-dimension tolerance,
-  in action units. The largest deviation actually accepted is reported.
+  in action units. The largest deviation actually accepted is reported. Per swapped layer:
+  the later layers the main decides after a swapped one are not bounded against main-only.
 """
 
 from collections.abc import Callable
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-MODES = ('exact', 'tolerance')
+# Values of the `acceptance` setting: the two rules for draft layers above, and 'bounded'
+# (certified residual depth, rsd_core.certificate; draft layers there are verified exactly).
+MODES = ('exact', 'tolerance', 'bounded')
 
 # Relative top-2 logit gap below which a code counts as a near tie: a multi-position forward
 # and single-position steps sum in different orders and can differ by ~100 ulp of the logit

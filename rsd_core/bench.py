@@ -1,12 +1,17 @@
-"""`rsd bench`: main-only vs speculative (exact, tolerance) decoding on the same inputs.
+"""`rsd bench`: main-only vs speculative and certified-depth decoding on the same inputs.
 
-Every input runs in the three modes back to back (so machine load hits all three alike) after a
-warm-up. Reported: latency p50/p90 per phase, main passes per chunk, acceptance per layer depth,
-mean accepted layers, speedup_p50 (main-only p50 / speculative p50, same run) and the median
-of per-input latency ratios (robust when machine load drifts during the run), whether exact
-mode gave the same actions as main-only, the largest deviation of tolerance mode from main-only
-(action units), the cost model P + (L-1)d vs P + D + v + (L-2-K)d with the measured times, and
-the achieved weight bandwidth (weight bytes x main passes / time) as gpt-fast reports it.
+Every input runs in every mode back to back (so machine load hits all alike) after a warm-up:
+main_only; exact and tolerance (the draft, K chosen per chunk by the engine's planner);
+exact_fixed (the draft forced to propose K every chunk: what the bet costs); bounded (certified
+depth at the tolerance, draft verified exactly where the planner bets). Reported: latency
+p50/p90 per phase, main passes per chunk, acceptance per layer depth, mean accepted layers,
+speedup_p50 (main-only p50 / mode p50, same run) and the median of per-input latency ratios
+(robust when machine load drifts), whether the exact modes gave main-only's actions, the
+deviation of tolerance and bounded from main-only (action units) beside bounded's certificate,
+the physical limit (prefill only / main-only: no layer step can do better), the cost model
+P + (L-1)d vs P + D + v + (L-2-K)d with the measured times, the achieved weight bandwidth
+(weight bytes x main passes / time) as gpt-fast reports it, and the per-layer report
+(rsd_core.layer_report).
 """
 
 import argparse
@@ -19,16 +24,20 @@ import torch
 
 from rsd_core.distill import read_proprio
 from rsd_core.engine import RSDEngine
+from rsd_core.layer_report import format_layer_report, layer_report
 from rsd_core.stats import PHASES, StatsAggregator
 from rsd_core.train_tokenizer import torch_threads
 
 logger = logging.getLogger(__name__)
 
 MODES = {
-    'main_only': {'use_draft': False},
-    'exact': {'use_draft': True, 'acceptance': 'exact'},
-    'tolerance': {'use_draft': True, 'acceptance': 'tolerance'},
+    'main_only': {'use_draft': False, 'acceptance': 'exact'},
+    'exact': {'use_draft': True, 'acceptance': 'exact', 'adaptive': True},
+    'exact_fixed': {'use_draft': True, 'acceptance': 'exact', 'adaptive': False},
+    'tolerance': {'use_draft': True, 'acceptance': 'tolerance', 'adaptive': True},
+    'bounded': {'use_draft': True, 'acceptance': 'bounded', 'adaptive': True},
 }
+EXACT_MODES = ('exact', 'exact_fixed')
 INSTRUCTIONS = (
     'pick up the black bowl between the plate and the ramekin and place it on the plate',
     'pick up the black bowl next to the ramekin and place it on the plate',
@@ -54,8 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--observations', default=None,
                         help='observation directory (index.jsonl + images/); default: '
                              'generated images')
-    parser.add_argument('--tolerance', type=float, default=0.05,
-                        help='tolerance mode bound, action units, every dimension (0.05)')
+    parser.add_argument('--tolerance', type=float, default=0.02,
+                        help='tolerance of the tolerance and bounded modes, action units, '
+                             'every dimension (0.02)')
     parser.add_argument('--num-proposals', type=int, default=None,
                         help="draft layers proposed per chunk, 1..draft K (default: draft's K)")
     parser.add_argument('--seed', type=int, default=0, help='seed of generated inputs')
@@ -152,8 +162,9 @@ def paired_speedup(reference: StatsAggregator, other: StatsAggregator) -> float:
 
 
 def cost_model(summaries: dict[str, dict], num_layers: int, k: int) -> dict:
-    """Measured P, d, D, v (p50, ms) and the latencies they predict."""
-    main, exact = summaries['main_only'], summaries['exact']
+    """Measured P, d, D, v (p50, ms; D and v from the forced draft) and the latencies they
+    predict."""
+    main, exact = summaries['main_only'], summaries['exact_fixed']
     p = main['latency_ms']['prefill']['p50']
     d = main['latency_ms']['step']['p50'] / (num_layers - 1)
     draft = exact['latency_ms']['draft']['p50']
@@ -199,13 +210,14 @@ def _bench(args: argparse.Namespace) -> dict:
     runs = run_modes(engine, inputs, args.warmup)
     summaries = {name: agg.summary() for name, (agg, _) in runs.items()}
     main_actions = runs['main_only'][1]
-    identical = [bool(np.array_equal(exact, main))
-                 for exact, main in zip(runs['exact'][1], main_actions, strict=True)]
+    identical = [bool(np.array_equal(runs[name][1][i], main_actions[i]))
+                 for name in EXACT_MODES for i in range(len(inputs))]
     deviation = np.abs(runs['tolerance'][1] - main_actions)                 # [N, T, A]
     k = engine.config.num_proposals or engine.draft.num_proposals
     main_p50 = summaries['main_only']['latency_ms']['total']['p50']
     num_layers = engine.main.num_layers
     bytes_ = weight_bytes(engine.main)
+    others = [name for name in MODES if name != 'main_only']
     return {
         'model': str(args.model or 'default bundle'), 'draft': str(args.draft or 'bundle draft'),
         'device': str(engine.device), 'dtype': args.dtype, 'threads': torch.get_num_threads(),
@@ -214,18 +226,48 @@ def _bench(args: argparse.Namespace) -> dict:
         'num_proposals': k, 'tolerance': args.tolerance, 'num_layers': num_layers,
         'modes': summaries,
         'speedup_p50': {name: main_p50 / summaries[name]['latency_ms']['total']['p50']
-                        for name in ('exact', 'tolerance')},
+                        for name in others},
         'speedup_paired_median': {name: paired_speedup(runs['main_only'][0], runs[name][0])
-                                  for name in ('exact', 'tolerance')},
-        'identical_actions': sum(identical), 'identical_actions_all': all(identical),
+                                  for name in others},
+        'identical_actions': sum(identical), 'identical_actions_of': len(identical),
+        'identical_actions_all': all(identical),
         'tolerance_max_deviation': float(deviation.max()),
         'tolerance_max_deviation_per_dim': deviation.max(axis=(0, 1)).tolist(),
+        'bounded': bounded_summary(runs['bounded'], main_actions),
+        'physical_limit': physical_limit(runs['main_only'][0]),
         'cost_model': cost_model(summaries, num_layers, k),
         'weight_bytes': bytes_,
         'bandwidth_gb_s': {name: bytes_ * s['main_passes']['mean']
                            / (s['latency_ms']['total']['mean'] * 1e-3) / 1e9
                            for name, s in summaries.items()},
+        'layers': layer_report(engine, inputs),
     }
+
+
+def bounded_summary(run: tuple[StatsAggregator, np.ndarray], main_actions: np.ndarray) -> dict:
+    """Certified depth against main-only on the same inputs (action units)."""
+    chunks = run[0].chunks()
+    deviation = np.abs(run[1] - main_actions)                              # [N, T, A]
+    return {
+        'max_deviation_vs_main_only': float(deviation.max()),
+        'certified_bound_max': max(c.certified_bound for c in chunks),
+        'certified_bound_median': float(np.median([c.certified_bound for c in chunks])),
+        'mean_layers_decoded': float(np.mean([c.layers_decoded for c in chunks])),
+        'layers_decoded_hist': np.bincount([c.layers_decoded for c in chunks]).tolist(),
+        'deviation_within_certificate': bool(all(
+            (d <= c.certified_bound).all() for d, c in zip(deviation, chunks, strict=True))),
+    }
+
+
+def physical_limit(main_only: StatsAggregator) -> dict:
+    """What no layer-skipping can beat: the chunk's time without any layer step (preprocess,
+    prefill and decode of main-only chunks, medians), against main-only."""
+    chunks = main_only.chunks()
+    fixed = np.median([c.preprocess_ms + c.prefill_ms + c.decode_ms for c in chunks])
+    total = np.median([c.total_ms for c in chunks])
+    return {'prefill_only_ms': float(fixed), 'main_only_ms': float(total),
+            'prefill_only_over_main_only': float(fixed / total),
+            'speedup_limit': float(total / fixed)}
 
 
 def fmt(value: float | None, spec: str = '.1f') -> str:
@@ -255,24 +297,36 @@ def table(result: dict) -> str:
     for name, s in modes.items():
         lines.append(f'{name:<15}' + ''.join(f"{fmt(s['latency_ms'][p]['p50'], '.2f'):>11}"
                                              for p in PHASES))
-    for name in ('exact', 'tolerance'):
+    for name in ('exact', 'exact_fixed', 'tolerance', 'bounded'):
         rates = ', '.join(fmt(r, '.2f') for r in modes[name]['acceptance_by_depth'])
-        lines.append(f'acceptance by depth ({name}): [{rates}]')
-    lines.append(f"exact == main-only actions: {result['identical_actions']}/"
-                 f"{result['num_inputs']}")
+        lines.append(f"acceptance by depth ({name}): [{rates}]; K chosen per chunk "
+                     f"(histogram 0..): {modes[name]['proposed_length_hist']}")
+    lines.append(f"exact modes == main-only actions: {result['identical_actions']}/"
+                 f"{result['identical_actions_of']}")
     lines.append(f"tolerance vs main-only max |deviation|: "
                  f"{result['tolerance_max_deviation']:.4f} action units")
+    b = result['bounded']
+    lines.append(f"bounded: {b['mean_layers_decoded']:.2f} layers decoded on average; max "
+                 f"|deviation| vs main-only {b['max_deviation_vs_main_only']:.5f} <= certified "
+                 f"{b['certified_bound_max']:.5f} <= tolerance {result['tolerance']} "
+                 f"(action units); within the certificate: {b['deviation_within_certificate']}")
+    limit = result['physical_limit']
+    lines.append(f"physical limit: prefill only {limit['prefill_only_ms']:.1f} ms / main-only "
+                 f"{limit['main_only_ms']:.1f} ms = {limit['prefill_only_over_main_only']:.2f} "
+                 f"(no layer skipping beats {limit['speedup_limit']:.2f}x)")
     c = result['cost_model']
     lines.append(f"cost model (ms): P={c['prefill_P_ms']:.2f} d={c['step_d_ms']:.2f} "
                  f"D={c['draft_D_ms']:.2f} v={c['verify_v_ms']:.2f}; main-only P+7d = "
                  f"{c['main_only_ms']:.1f}; speculative P+D+v+(6-K)d = "
                  f"{c['speculative_all_accepted_ms']:.1f} (all accepted), "
                  f"{c['speculative_measured_acceptance_ms']:.1f} (measured acceptance)")
+    lines += ['', format_layer_report(result['layers'])]
     return '\n'.join(lines)
 
 
 def plot(result: dict, path: str | Path) -> Path:
-    """Stacked bars of the median time per phase for each mode."""
+    """Left: stacked bars of the median time per phase for each mode. Right: per layer depth,
+    what stopping there measurably changes, the certificate, and the tolerance (log scale)."""
     import matplotlib
 
     matplotlib.use('Agg')
@@ -281,7 +335,7 @@ def plot(result: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = list(result['modes'])
-    figure, axes = plt.subplots(figsize=(7, 4))
+    figure, (axes, depth_axes) = plt.subplots(1, 2, figsize=(13, 4.5))
     bottom = np.zeros(len(names))
     for phase in PHASES + ('other',):
         if phase == 'other':
@@ -295,7 +349,20 @@ def plot(result: dict, path: str | Path) -> Path:
     axes.set_ylabel('median time per chunk (ms)')
     axes.set_title(f"RSD latency per phase (medians), K={result['num_proposals']}, "
                    f"{result['device']} {result['dtype']}")
-    axes.legend(fontsize='small', loc='upper left', bbox_to_anchor=(1.0, 1.0))
+    axes.tick_params(axis='x', labelsize='small')
+    axes.legend(fontsize='small', loc='upper right')
+    rows = [r for r in result['layers'] if r['layer']]
+    depths = [r['layer'] for r in rows]
+    for key, label, style in (('truncation_change_median', 'measured change (median)', 'o-'),
+                              ('truncation_change_max', 'measured change (max)', 'o--'),
+                              ('certified_bound_max', 'certified bound (max)', 's-'),
+                              ('witness_max', 'witness: codes reaching (max)', 'x:')):
+        depth_axes.semilogy(depths, [max(r[key], 1e-9) for r in rows], style, label=label)
+    depth_axes.axhline(result['tolerance'], color='k', lw=0.8, label='tolerance')
+    depth_axes.set_xlabel('layers decoded (depth m)')
+    depth_axes.set_ylabel('max |action change| from layers m..L-1 (action units)')
+    depth_axes.set_title('what the undecoded layers can still change')
+    depth_axes.legend(fontsize='small')
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     'inspect': ('rsd_core.inspect_checkpoint', 'inspect a bundle, draft or tokenizer checkpoint'),
     'bench': ('rsd_core.bench', 'main-only vs speculative decoding on the same inputs'),
     'train-tokenizer': ('rsd_core.train_tokenizer', 'train the RFSQ action tokenizer'),
+    'refit-decoder': ('rsd_core.refit_decoder',
+                      'refit the tokenizer decoder for a tight certified depth'),
     'train-draft': ('rsd_core.distill', 'distil the draft model from a main model'),
     'train-policy': ('rsd_core.train_policy', 'behaviour-clone the main model on demos'),
     'record-observations': ('sim_bridge.record_observations',

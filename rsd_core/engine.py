@@ -5,7 +5,13 @@ Main-only greedy decoding: `prefill` gives layer 0, then L-1 single-position ste
 the draft proposes layers 1..K from h0 (`propose`), ONE main pass over [layer 0, proposals]
 returns the main's logits for layers 1..K+1 (`verify`), the acceptance rule keeps the longest
 passing prefix, the main's own layer after it comes free, and the cache is cropped to what was
-kept. Ordinary steps finish the chunk: 1 + 1 + (L-2-accepted) main passes.
+kept. Ordinary steps finish the chunk: 1 + 1 + (L-2-accepted) main passes. K is chosen per
+chunk by a `SpeculationPlanner` from measured acceptance and costs (K = 0: no draft pass).
+
+Certified depth (`certified_decode`, acceptance 'bounded'): layers are decided in order and
+decoding stops at the shallowest depth m whose certificate (`ActionTokenizer.truncation_bound`,
+over every code of layers m..L-1) is within the tolerance, so the chunk differs from main-only
+decoding by at most the tolerance in every action value. The decoder runs in float64.
 
 Shapes: B batch (1 in `predict`), L layers, C codes per layer, V levels, H hidden size,
 T chunk steps, A action dims, k proposals.
@@ -27,6 +33,7 @@ from rsd_core.bundle import default_bundle_dir
 from rsd_core.draft import DraftModel
 from rsd_core.main_model import MainModel, resolve_dtype
 from rsd_core.processor import check_image
+from rsd_core.speculation import SpeculationPlanner
 from rsd_core.stats import PHASES, ChunkStats
 from rsd_core.timing import PhaseTimer
 from rsd_core.tokenizer import ActionTokenizer, codes_to_tokens
@@ -36,6 +43,11 @@ logger = logging.getLogger(__name__)
 Cache = Any     # transformers DynamicCache, owned and cropped by MainModel
 # rule(prefix [B, 1, C], proposals [B, k, C], main_codes [B, k, C]) -> Verdict
 Rule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Verdict]
+# certify(codes [B, m, C]) -> (certified bound [B, T, A], actions [B, T, A]) in action units,
+# or None when depth m cannot be certified within the tolerance
+Certifier = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]
+# Relative rounding of the float32 cast of a float64 result (one half ulp each, two results).
+CAST_ROUNDING = 2.0 ** -23
 
 
 class NonFiniteLogitsError(RuntimeError):
@@ -46,18 +58,25 @@ class NonFiniteLogitsError(RuntimeError):
 class EngineConfig:
     """Runtime switches of the engine. Frozen: change with `RSDEngine.update_config`.
 
-    tolerance: action units, one value for every dimension or one per dimension (tolerance mode).
-    num_proposals: layers the draft proposes per chunk, 1..draft K (None = the draft's K).
+    acceptance: 'exact' | 'tolerance' (rules for draft layers) | 'bounded' (certified depth;
+        a draft, if used, is verified exactly on the layers decoded).
+    tolerance: action units, one value for every dimension or one per dimension (tolerance and
+        bounded modes).
+    num_proposals: most layers the draft proposes per chunk, 1..draft K (None = the draft's K).
+    adaptive: choose the number of proposals per chunk (0..num_proposals) from measured
+        acceptance and costs; False always proposes num_proposals.
     """
 
     use_draft: bool = True
     acceptance: str = 'exact'
     tolerance: float | tuple[float, ...] = 0.05
     num_proposals: int | None = None
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.use_draft, bool):
-            raise ValueError(f'use_draft must be a bool, got {self.use_draft!r}')
+        for name in ('use_draft', 'adaptive'):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f'{name} must be a bool, got {getattr(self, name)!r}')
         if self.acceptance not in MODES:
             raise ValueError(f'acceptance must be one of {MODES}, got {self.acceptance!r}')
         try:
@@ -118,6 +137,16 @@ def decode_layers(main: MainModel, cache: Cache, codes: torch.Tensor, num_layers
     return codes, new_logits
 
 
+def greedy_trace(main: MainModel, inputs: dict,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Main-only greedy decoding of every layer, keeping what it saw: (h0 [B, H], codes
+    [B, L, C], logits [B, L, C, V], the logits that chose each layer)."""
+    cache, h0, logits0 = prefill(main, inputs)
+    codes, logits = decode_layers(main, cache, greedy(logits0)[:, None], main.num_layers,
+                                  PhaseTimer(main.device))
+    return h0, codes, torch.stack([logits0] + logits, dim=1)
+
+
 def propose(draft: DraftModel, h0: torch.Tensor, k: int) -> torch.Tensor:
     """Draft codes for layers 1..k from h0 [B, H]: [B, k, C]."""
     logits = draft(h0)[:, :k]                                     # [B, k, C, V]
@@ -154,6 +183,30 @@ def speculative_decode(main: MainModel, draft: DraftModel, cache: Cache, h0: tor
     return codes, logits[:, :a + 1], verdict                      # codes: [B, a+2, C]
 
 
+def certified_decode(main: MainModel, cache: Cache, codes: torch.Tensor, certify: Certifier,
+                     timer: PhaseTimer,
+                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor],
+                                list[torch.Tensor]]:
+    """Decide layers in order from codes [B, l, C] (cache holds layers 0..l-2) and stop at the
+    shallowest depth m whose certificate passes (depth L always does).
+
+    Returns (codes [B, m, C], (certified bound, actions) [B, T, A] each, logits of the new
+    layers).
+    """
+    depth, new_logits = 1, []
+    while True:
+        if depth > codes.shape[1]:
+            with timer.phase('step'):
+                logits = decode_one_layer(main, cache, codes[:, -1], codes.shape[1] - 1)
+                codes = torch.cat([codes, greedy(logits)[:, None]], dim=1)     # [B, l+1, C]
+            new_logits.append(logits)
+        with timer.phase('certify'):
+            certified = certify(codes[:, :depth])
+        if certified is not None:
+            return codes[:, :depth], certified, new_logits
+        depth += 1
+
+
 def check_instruction(instruction: Any) -> None:
     """ValueError unless `instruction` is a string with some non-whitespace text."""
     if not isinstance(instruction, str) or not instruction.strip():
@@ -188,8 +241,12 @@ class RSDEngine:
                                  f'L-2 = {main.num_layers - 2} can be verified')
         config = config or EngineConfig()
         if draft is None and config.use_draft:
-            logger.info('no draft model: use_draft=True ignored, decoding main-only')
+            logger.info('no draft model: use_draft=True ignored, decoding without a draft')
             config = replace(config, use_draft=False)
+        self.tokenizer = tokenizer.to(torch.float64)   # decode and certify in float64
+        self.certificates = self.tokenizer.depth_certifier()
+        self.planner = SpeculationPlanner()
+        self._expected_depth = main.num_layers         # depth of the last bounded chunk
         self._lock = threading.Lock()
         self._config = self._checked(config)
 
@@ -268,6 +325,17 @@ class RSDEngine:
         codes, actions, stats = self._run(image, instruction, state, config)
         return codes[0].cpu(), actions[0].float().cpu().numpy(), stats
 
+    @torch.inference_mode()
+    def trace(self, image: np.ndarray, instruction: str, proprio: np.ndarray | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Main-only greedy decoding of one input with what it saw (`greedy_trace`): (h0 [H],
+        codes [L, C], logits [L, C, V]), on the engine's device."""
+        check_image(image)
+        check_instruction(instruction)
+        inputs = self._inputs(image, instruction, self._check_proprio(proprio))
+        h0, codes, logits = greedy_trace(self.main, inputs)
+        return h0[0], codes[0], logits[0]
+
     def _check_proprio(self, proprio: np.ndarray | None) -> torch.Tensor | None:
         """proprio [P] -> [1, P] float32 tensor (None when the model takes no state)."""
         names = self.proprio_names
@@ -288,34 +356,79 @@ class RSDEngine:
     def _run(self, image: np.ndarray, instruction: str, proprio: torch.Tensor | None,
              config: EngineConfig) -> tuple[torch.Tensor, torch.Tensor, ChunkStats]:
         timer = PhaseTimer(self.device)
-        verdict, k = None, 0
+        bounded = config.acceptance == 'bounded'
+        rule = 'exact' if bounded else config.acceptance      # how draft layers are verified
+        num_layers = self.main.num_layers
+        verdict, k, bound, decided = None, 0, None, []
         with timer.phase('total'):
             with timer.phase('preprocess'):
                 inputs = self._inputs(image, instruction, proprio)
             with timer.phase('prefill'):
                 cache, h0, logits0 = prefill(self.main, inputs)
                 codes = greedy(logits0)[:, None]                  # [B, 1, C]
-            decided = []                                          # main logits of layers 1..
             if config.use_draft:
-                k = config.num_proposals or self.draft.num_proposals
+                k = self._num_proposals(config, rule, bounded)
+            if k:
                 codes, logits, verdict = speculative_decode(
                     self.main, self.draft, cache, h0, codes[:, 0], k, self._rule(config), timer)
-                decided = list(logits.unbind(1))
-            codes, step_logits = decode_layers(self.main, cache, codes, self.main.num_layers,
-                                               timer)             # [B, L, C]
-            with timer.phase('decode'):
-                actions = self._decode(codes)                     # [B, T, A]
+                decided = list(logits.unbind(1))                  # main logits of layers 1..
+            if bounded:
+                codes, (bound, actions), step_logits = certified_decode(
+                    self.main, cache, codes, self._certifier(config), timer)
+                actions = actions.float()                         # [B, T, A]
+                self._expected_depth = codes.shape[1]
+            else:
+                codes, step_logits = decode_layers(self.main, cache, codes, num_layers, timer)
+                with timer.phase('decode'):
+                    actions = self._decode(codes)                 # [B, T, A]
         elapsed = timer.elapsed_ms()
         stats = ChunkStats(
             **{f'{p}_ms': elapsed.get(p, 0.0) for p in ('total',) + PHASES},
             main_passes=1 + timer.count('verify') + timer.count('step'),
             near_ties=sum(near_ties(logits) for logits in decided + step_logits),
-            used_draft=config.use_draft,
-            acceptance=config.acceptance if config.use_draft else 'none')
+            used_draft=bool(k), layers_decoded=codes.shape[1],
+            certified_bound=None if bound is None else float(bound.max()),
+            acceptance=config.acceptance if bounded or k else 'none')
         if verdict is not None:
             stats.layers_proposed, stats.layers_accepted = k, verdict.accepted
             stats.accepted_by_depth, stats.max_deviation = verdict.passed, verdict.max_deviation
+        self.planner.record(rule, k, stats.layers_accepted, stats.draft_ms, stats.verify_ms,
+                            timer.count('step'), stats.step_ms)
         return codes, actions, stats
+
+    def _num_proposals(self, config: EngineConfig, rule: str, bounded: bool) -> int:
+        """K for this chunk: at most num_proposals, and (bounded mode) no proposal past the
+        layers the last chunk needed; chosen by the planner when adaptive."""
+        k_max = config.num_proposals or self.draft.num_proposals
+        needed = (self._expected_depth if bounded else self.main.num_layers) - 1
+        if not config.adaptive:
+            return min(k_max, needed - 1) if bounded else k_max
+        return self.planner.choose(rule, k_max, needed)
+
+    def _certifier(self, config: EngineConfig) -> Certifier:
+        """certify(codes [B, m, C]): (bound, actions) when the bound is within the tolerance,
+        else None; the actions are decoded from the m layers (float64). Below the tokenizer's
+        coarse layers (where the certificate depends on the input and costs ~2 ms) a witness,
+        actual codes that move an action by more than the tolerance, rules a depth out first.
+        The float32 cast of this result and of main-only's adds its rounding to the bound."""
+        tokenizer, certificates = self.tokenizer, self.certificates
+        latent_dim, num_layers = tokenizer.config.latent_dim, tokenizer.config.num_layers
+        tolerance = torch.as_tensor(config.tolerance, dtype=torch.float64, device=self.device)
+
+        def certify(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+            depth = codes.shape[1]
+            z, u = tokenizer.decoder_inputs(codes_to_tokens(codes, latent_dim), depth)
+            if depth < certificates.mlp_layers and \
+                    bool((certificates.witness(z, u, depth) > tolerance).any()):
+                return None
+            actions = tokenizer.decode_latent(z, u)               # [B, T, A]
+            if depth == num_layers:
+                return torch.zeros_like(actions), actions
+            bound = certificates.bound(z if u is None else u, depth)
+            bound = bound + CAST_ROUNDING * (actions.abs() + bound) + 1e-12
+            return (bound, actions) if bool((bound <= tolerance).all()) else None
+
+        return certify
 
     @property
     def device(self) -> torch.device:
@@ -330,8 +443,10 @@ class RSDEngine:
         return {key: value.to(self.device) for key, value in inputs.items()}
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [B, l, C] -> actions [B, T, A] in action units, from the first l layers."""
-        return self.tokenizer.decode(codes_to_tokens(codes, self.tokenizer.config.latent_dim))
+        """codes [B, l, C] -> actions [B, T, A] float32 in action units, from the first l
+        layers (decoded in float64, then cast)."""
+        tokens = codes_to_tokens(codes, self.tokenizer.config.latent_dim)
+        return self.tokenizer.decode(tokens).float()
 
     def _rule(self, config: EngineConfig) -> Rule:
         if config.acceptance == 'exact':

@@ -115,6 +115,12 @@ class ActionNormalizer(nn.Module):
         offset, scale, varies = self._affine()
         return torch.where(varies, x * scale + offset, offset)
 
+    def gain(self) -> torch.Tensor:
+        """Per dimension, how much one normalised unit moves the action: [A] action units
+        (0 for constant dimensions). |unnormalize(x) - unnormalize(y)| = gain * |x - y|."""
+        _, scale, varies = self._affine()
+        return torch.where(varies, scale.abs(), 0.0)
+
     def degenerate_dims(self) -> list[int]:
         """Indices of the dimensions treated as constant."""
         return torch.nonzero(~self._affine()[2]).flatten().tolist()

@@ -12,7 +12,7 @@ import threading
 import numpy as np
 
 # Timed phases of one chunk, in pipeline order (each a `<phase>_ms` field of ChunkStats).
-PHASES = ('preprocess', 'prefill', 'draft', 'verify', 'accept', 'step', 'decode')
+PHASES = ('preprocess', 'prefill', 'draft', 'verify', 'accept', 'step', 'certify', 'decode')
 
 
 @dataclass
@@ -26,6 +26,7 @@ class ChunkStats:
     verify_ms: float = 0.0          # main forward over [layer 0, proposals]
     accept_ms: float = 0.0          # acceptance rule (tolerance mode decodes candidates)
     step_ms: float = 0.0            # all single-layer main steps together
+    certify_ms: float = 0.0         # certified-depth checks (bounded mode)
     decode_ms: float = 0.0          # RFSQ decode + un-normalise
     main_passes: int = 0            # main-model forward passes (prefill + verify + steps)
     layers_proposed: int = 0        # K used for this chunk (0 without draft)
@@ -33,8 +34,10 @@ class ChunkStats:
     accepted_by_depth: list[bool] = field(default_factory=list)   # len K, depth 1..K
     near_ties: int = 0              # main codes whose top-2 gap was below the dtype threshold
     max_deviation: float = 0.0      # action units, largest accepted change (tolerance mode)
-    used_draft: bool = False
-    acceptance: str = 'none'        # 'exact' | 'tolerance' | 'none' (main-only)
+    used_draft: bool = False        # the draft proposed layers for this chunk (K > 0)
+    acceptance: str = 'none'        # 'exact' | 'tolerance' | 'bounded' | 'none' (main-only)
+    layers_decoded: int = 0         # layers the chunk was decoded from (L unless bounded)
+    certified_bound: float | None = None  # action units, largest certified bound (bounded)
 
     def as_dict(self) -> dict:
         """Plain JSON-serialisable dict."""
@@ -79,7 +82,9 @@ class StatsAggregator:
         latency_ms[phase] = {p50, p90, mean}; accepted_length_hist[a] = speculative chunks
         with a accepted layers; proposed_length_hist[k] = speculative chunks that proposed k;
         acceptance_by_depth[d-1] = fraction of chunks proposing depth d whose layer d was
-        accepted (None if none proposed it); mean_accepted_layers over speculative chunks.
+        accepted (None if none proposed it); mean_accepted_layers over speculative chunks;
+        k_chosen = proposals per chunk over all chunks (0 = the planner bet nothing);
+        layers_decoded per chunk; certified_bound_max over bounded chunks (None if none).
         """
         chunks = self.chunks()
         speculative = [c for c in chunks if c.used_draft]
@@ -104,6 +109,10 @@ class StatsAggregator:
             'near_ties': sum(c.near_ties for c in chunks),
             'chunks_with_near_ties': sum(c.near_ties > 0 for c in chunks),
             'max_deviation': max((c.max_deviation for c in chunks), default=0.0),
+            'k_chosen': self._percentiles([c.layers_proposed for c in chunks]),
+            'layers_decoded': self._percentiles([c.layers_decoded for c in chunks]),
+            'certified_bound_max': max((c.certified_bound for c in chunks
+                                        if c.certified_bound is not None), default=None),
         }
 
     @staticmethod

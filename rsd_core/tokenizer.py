@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rsd_core.certificate import DepthCertifier
 from rsd_core.checkpoint import (
     CheckpointError,
     check_state_dict,
@@ -70,15 +71,25 @@ class TokenizerConfig:
     num_layers: int = 8     # L, residual FSQ layers
     levels: int = 7         # V, levels per latent scalar per layer
     hidden_size: int = 256  # width of the encoder / decoder MLPs
+    coarse_layers: int = 0  # c: the decoder's MLP sees layers 0..c-1 only (0: every layer)
 
     def __post_init__(self):
         for field in fields(self):
             value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f'TokenizerConfig.{field.name} must be a positive int, '
-                                 f'got {value!r}')
+            low = 0 if field.name == 'coarse_layers' else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                kind = 'an int >= 0' if low == 0 else 'a positive int'
+                raise ValueError(f'TokenizerConfig.{field.name} must be {kind}, got {value!r}')
         if self.levels < 2:
             raise ValueError(f'TokenizerConfig.levels must be >= 2, got {self.levels}')
+        if self.coarse_layers > self.num_layers:
+            raise ValueError(f'TokenizerConfig.coarse_layers ({self.coarse_layers}) exceeds '
+                             f'num_layers ({self.num_layers})')
+
+    @property
+    def mlp_layers(self) -> int:
+        """Layers the decoder's MLP sees (the first c, or all L when coarse_layers is 0)."""
+        return self.coarse_layers or self.num_layers
 
     @property
     def codes_per_layer(self) -> int:
@@ -116,7 +127,8 @@ def codes_to_tokens(codes: torch.Tensor, latent_dim: int = 16) -> torch.Tensor:
 
 
 class LinearMLP(nn.Module):
-    """y = W x + mlp(x), mlp with two GELU hidden layers of width `hidden`."""
+    """y = W x + mlp(u), mlp with two GELU hidden layers of width `hidden`; u = x unless
+    given (the decoder of a tokenizer with coarse layers feeds the MLP their sum only)."""
 
     def __init__(self, d_in: int, hidden: int, d_out: int):
         super().__init__()
@@ -124,9 +136,9 @@ class LinearMLP(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, hidden),
                                  nn.GELU(), nn.Linear(hidden, d_out))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., d_in] -> [..., d_out]."""
-        return self.linear(x) + self.mlp(x)
+    def forward(self, x: torch.Tensor, mlp_input: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., d_in] (and u [..., d_in]) -> [..., d_out]."""
+        return self.linear(x) + self.mlp(x if mlp_input is None else mlp_input)
 
 
 class RobustResidualFSQ(nn.Module):
@@ -222,8 +234,14 @@ class ActionTokenizer(nn.Module):
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Training reconstruction: normalised chunk [B, T, A] -> normalised chunk [B, T, A],
         from the first keep[b] layers of sample b (None: all layers)."""
-        zq, _ = self.quantize(self.latent(x), keep)
-        return self.decoder(zq).view_as(x)
+        z = self.latent(x)
+        zq, _ = self.quantize(z, keep)
+        coarse = self.config.coarse_layers
+        if not coarse:
+            return self.decoder(zq).view_as(x)
+        keep_coarse = torch.full((len(x),), coarse, device=x.device) if keep is None \
+            else keep.clamp(max=coarse)
+        return self.decoder(zq, self.quantize(z, keep_coarse)[0]).view_as(x)
 
     # -- public API, in action units -----------------------------------------------------------
 
@@ -238,8 +256,48 @@ class ActionTokenizer(nn.Module):
         """Tokens [B, l, T, D] -> actions [B, T, A] in action units, from the first n_layers
         (default: all l given) layers."""
         tokens, n_layers = self._check_tokens(tokens, n_layers)
-        x = self.decoder(self.dequantize(tokens, n_layers))  # [B, T*A]
+        return self.decode_latent(*self.decoder_inputs(tokens, n_layers))
+
+    @torch.no_grad()
+    def truncation_bound(self, tokens: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:
+        """Certified bound on how much the layers after the first n_layers could move the
+        decoded actions, over EVERY code of those layers: for all codes of layers n..L-1,
+        |decode(all L layers) - decode(first n_layers)| <= bound, elementwise, in exact
+        arithmetic (see rsd_core.certificate). Tokens [B, l, T, D] -> bound [B, T, A] float64,
+        action units; zero when n_layers = L."""
+        tokens, n_layers = self._check_tokens(tokens, n_layers)
+        z, u = self.decoder_inputs(tokens, n_layers)
+        return self.depth_certifier().bound(z if u is None else u, n_layers)
+
+    @torch.no_grad()
+    def truncation_witness(self, tokens: torch.Tensor,
+                           n_layers: int | None = None) -> torch.Tensor:
+        """A lower bound on the worst case `truncation_bound` bounds from above: the largest
+        change a few actual choices of the codes of layers n..L-1 cause (see
+        `DepthCertifier.witness`). Tokens [B, l, T, D] -> [B, T, A] float64, action units."""
+        tokens, n_layers = self._check_tokens(tokens, n_layers)
+        z, u = self.decoder_inputs(tokens, n_layers)
+        return self.depth_certifier().witness(z, u, n_layers)
+
+    def depth_certifier(self) -> DepthCertifier:
+        """Certificates of this tokenizer's decoder as it is now (rebuild after training)."""
+        return DepthCertifier(self.decoder.linear, self.decoder.mlp, self.rfsq.scales(),
+                              self.normalizer.gain(), self.config.chunk_len,
+                              self.config.mlp_layers)
+
+    def decode_latent(self, z: torch.Tensor, mlp_input: torch.Tensor | None) -> torch.Tensor:
+        """Decoder inputs of `decoder_inputs` -> actions [B, T, A] in action units."""
+        x = self.decoder(z, mlp_input)                                        # [B, T*A]
         return self.normalizer.unnormalize(x.unflatten(-1, (self.config.chunk_len, -1)))
+
+    def decoder_inputs(self, tokens: torch.Tensor,
+                        n_layers: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens [B, l, T, D] (checked) -> (z, u): the summed latent of the first n_layers
+        [B, C] and the MLP's input [B, C] (the sum of the coarse layers among them; None when
+        the MLP sees every layer)."""
+        z = self.dequantize(tokens, n_layers)
+        coarse = self.config.coarse_layers
+        return z, (self.dequantize(tokens, min(n_layers, coarse)) if coarse else None)
 
     @torch.no_grad()
     def reconstruct(self, actions: torch.Tensor | np.ndarray,

@@ -172,6 +172,14 @@ def _text(value) -> str:
     return str(value)
 
 
+def mode_name(use_draft: bool, acceptance: str) -> str:
+    """The decoding mode as diagnostics name it: 'bounded' (certified depth, with or without
+    the draft), else the draft's acceptance rule, or 'main-only' without the draft."""
+    if acceptance == 'bounded':
+        return acceptance
+    return acceptance if use_draft else 'main-only'
+
+
 def status_values(summary: dict, latency_ms: Sequence[float], counters: Counters,
                   use_draft: bool, mode: str) -> dict[str, str]:
     """Key values of the inference status.
@@ -189,7 +197,11 @@ def status_values(summary: dict, latency_ms: Sequence[float], counters: Counters
         'engine total p50 ms': times['total']['p50'],
         'engine total p90 ms': times['total']['p90'],
         **{f'{phase} ms': times[phase]['p50']
-           for phase in ('preprocess', 'prefill', 'draft', 'verify', 'step', 'decode')},
+           for phase in ('preprocess', 'prefill', 'draft', 'verify', 'step', 'certify',
+                         'decode')},
+        'layers decoded': summary['layers_decoded']['mean'],
+        'certified bound max': summary['certified_bound_max'],
+        'K chosen mean': summary['k_chosen']['mean'],
         'acceptance rate': summary['layers_accepted'] / proposed if proposed else None,
         'mean accepted layers': summary['mean_accepted_layers'],
         'main passes': summary['main_passes']['mean'],

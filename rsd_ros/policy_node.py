@@ -72,6 +72,7 @@ from rsd_ros.messages import (
     diagnostic_array,
     inference_status,
     joint_state_vector,
+    mode_name,
     stats_json,
     status_level,
     status_values,
@@ -79,7 +80,7 @@ from rsd_ros.messages import (
 
 ACTION_DIM = len(DEFAULT_ACTION_NAMES)
 DEVICE_PATTERN = re.compile(r'cpu|cuda(:\d+)?')
-RUNTIME_ENGINE_PARAMETERS = ('use_draft', 'acceptance', 'tolerance')
+RUNTIME_ENGINE_PARAMETERS = ('use_draft', 'adaptive_proposals', 'acceptance', 'tolerance')
 
 INSTRUCTION_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -92,6 +93,7 @@ class Settings:
     """The run-time parameters, one immutable snapshot (the worker reads one per frame)."""
 
     use_draft: bool
+    adaptive_proposals: bool
     acceptance: str
     tolerance: tuple[float, ...]          # action units, one per dim or one for all
     control_period: float                 # s
@@ -132,13 +134,19 @@ PARAMETERS = {
     'dtype': ('float32', _descriptor(P.PARAMETER_STRING, 'model dtype', read_only=True,
                                      constraints='one of ' + ', '.join(DTYPES))),
     'use_draft': (True, _descriptor(
-        P.PARAMETER_BOOL, 'speculative decoding with the draft (false = main-only)',
-        constraints='true needs a loaded draft')),
-    'acceptance': ('exact', _descriptor(P.PARAMETER_STRING, 'acceptance rule of draft layers',
-                                        constraints='one of ' + ', '.join(MODES))),
-    'tolerance': ([0.05], _descriptor(
-        P.PARAMETER_DOUBLE_ARRAY, 'tolerance-mode bound on the change of any action value, '
-        'action units', constraints=f'1 value (all dims) or {ACTION_DIM}, finite, >= 0')),
+        P.PARAMETER_BOOL, 'let the draft propose layers (K chosen per chunk from measured '
+        'acceptance and costs; false = never)', constraints='true needs a loaded draft')),
+    'adaptive_proposals': (True, _descriptor(
+        P.PARAMETER_BOOL, 'choose the number of draft proposals per chunk (0..K) from measured '
+        'acceptance and costs; false = always K')),
+    'acceptance': ('exact', _descriptor(
+        P.PARAMETER_STRING, 'decoding mode: exact (= main-only actions), tolerance (draft '
+        "layers within tolerance of the main's), bounded (certified depth: within tolerance "
+        'of main-only in every action value)', constraints='one of ' + ', '.join(MODES))),
+    'tolerance': ([0.02], _descriptor(
+        P.PARAMETER_DOUBLE_ARRAY, 'bound on the change of any action value in tolerance and '
+        'bounded modes, action units', constraints=f'1 value (all dims) or {ACTION_DIM}, '
+        'finite, >= 0')),
     'control_period': (0.05, _descriptor(P.PARAMETER_DOUBLE, 'duration of one chunk step, s',
                                          floats=(0.001, 10.0))),
     'action_names': (list(DEFAULT_ACTION_NAMES), _descriptor(
@@ -289,7 +297,8 @@ class PolicyNode(Node):
     def _read_settings(self) -> Settings:
         v = self._values()
         return Settings(
-            use_draft=v['use_draft'], acceptance=v['acceptance'],
+            use_draft=v['use_draft'], adaptive_proposals=v['adaptive_proposals'],
+            acceptance=v['acceptance'],
             tolerance=tuple(v['tolerance']), control_period=v['control_period'],
             action_names=tuple(v['action_names']), frame_id=v['frame_id'],
             max_image_age=v['max_image_age'], action_low=tuple(v['action_low']),
@@ -299,7 +308,8 @@ class PolicyNode(Node):
     @staticmethod
     def _engine_config(settings: Settings) -> dict:
         tolerance = settings.tolerance
-        return {'use_draft': settings.use_draft, 'acceptance': settings.acceptance,
+        return {'use_draft': settings.use_draft, 'adaptive': settings.adaptive_proposals,
+                'acceptance': settings.acceptance,
                 'tolerance': tolerance[0] if len(tolerance) == 1 else tolerance}
 
     def _load_engine(self) -> RSDEngine:
@@ -384,7 +394,7 @@ class PolicyNode(Node):
         level, message = status_level(new, waiting_for_instruction=waiting, error=error)
         config = self._engine.config
         values = status_values(aggregator.summary(), latencies, counters, config.use_draft,
-                               config.acceptance if config.use_draft else 'main-only')
+                               mode_name(config.use_draft, config.acceptance))
         status = inference_status(f'{self.get_name()}: inference', settings.hardware_id, level,
                                   message, values)
         self._diag_pub.publish(diagnostic_array(self.get_clock().now().to_msg(), [status]))

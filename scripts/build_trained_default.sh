@@ -13,6 +13,10 @@
 # 3. train-policy --init OUT-vision: the same model given proprioception (the arm joint and
 #    gripper finger positions, one prompt position), fine-tuned on the same demos with the same
 #    action tokenizer; it distils the draft into OUT/draft at the end.
+# 4. refit-decoder: the tokenizer's decoder refitted so its fine layers admit a tight certified
+#    depth (rsd_core.refit_decoder; encoder, quantiser and codes unchanged, so the policy is
+#    untouched), on the same demos' actions. The committed bundle's decoder came from demos
+#    collected with --no-images (identical actions: the expert does not look at the camera).
 # Every stage is resumable: run the script again after an interruption.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -55,4 +59,15 @@ resume=()
 "$RSD" train-policy --demos "$DEMOS/a" "$DEMOS/b" --out "$OUT" --init "$VISION" \
   --tokenizer "$VISION/action_tokenizer" --seed 0 --batch-size 32 --lr 3e-4 --threads 2 \
   --eval-every 400 --save-every 400 --steps 4000 "${resume[@]}"
+# Stage 4: certified-depth decoder (once: the manifest's coarse_layers says whether it is done).
+coarse="$("$ROOT/.venv/bin/python" -c 'import json, sys
+print(json.load(open(sys.argv[1]))["config"].get("coarse_layers", 0))' \
+  "$OUT/action_tokenizer/action_tokenizer.json")"
+if [[ "$coarse" == 0 ]]; then
+  "$RSD" refit-decoder "$OUT/action_tokenizer" --demos "$DEMOS/a" "$DEMOS/b" \
+    --out "$OUT/action_tokenizer-refit" --coarse-layers 3 --bound-depth 3 --bound-target 0.016 \
+    --bound-weight 0.1 --steps 1500 --seed 0
+  rm -r "$OUT/action_tokenizer"
+  mv "$OUT/action_tokenizer-refit" "$OUT/action_tokenizer"
+fi
 echo "trained bundle in $OUT (use it with RSD_MODEL_DIR=$OUT, or move it to models/default)"

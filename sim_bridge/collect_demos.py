@@ -8,7 +8,8 @@ step where the task's goal holds, or fails at `--max-steps`.
 One file per task, `<out>/<task_name>_demo.hdf5`, in LIBERO's dataset layout:
 
     data/demo_<i>/actions                [N, 7] float32 (OSC_POSE deltas, gripper -1/+1)
-    data/demo_<i>/obs/agentview_rgb      [N, H, W, 3] uint8, LIBERO's raw orientation
+    data/demo_<i>/obs/agentview_rgb      [N, H, W, 3] uint8, LIBERO's raw orientation (absent
+                                         with --no-images)
     data/demo_<i>/obs/ee_pos             [N, 3] float64, m
     data/demo_<i>/obs/ee_ori             [N, 3] float64, axis-angle of the hand quaternion
     data/demo_<i>/obs/ee_states          [N, 6] ee_pos + ee_ori
@@ -57,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='control steps before an episode counts as failed '
                              '(default 0: the suite horizon, 220 for libero_spatial)')
     parser.add_argument('--seed', type=int, default=0, help='seed of the scene randomisation')
+    parser.add_argument('--no-images', action='store_true',
+                        help='record robot state and actions only (no camera; ~10x faster): '
+                             'data for fitting an action tokenizer, not a policy')
     parser.add_argument('--resume', action='store_true',
                         help='keep existing demos and skip their initial states')
 
@@ -109,10 +113,12 @@ def quat_to_axis_angle(quat: np.ndarray) -> np.ndarray:
 
 
 def rollout(task: LiberoTask, expert: SpatialExpert, init_state: int, max_steps: int,
-            record: bool = True) -> Episode:
+            record: bool = True, images: bool = True) -> Episode:
     """Run the expert from `init_state` until success or `max_steps` control steps.
 
-    record: render and keep the per-step observations (False: just run, for evaluation).
+    record: keep the per-step observations (False: just run, for evaluation).
+    images: render the camera into the record (False: robot state and actions only, ~10x
+    faster; enough to fit an action tokenizer).
     """
     started = time.perf_counter()
     task.reset(init_state)
@@ -125,7 +131,8 @@ def rollout(task: LiberoTask, expert: SpatialExpert, init_state: int, max_steps:
         for action in chunk:
             if record:
                 robot = task.robot_state()
-                episode.images.append(rotate_180(task.render()))
+                if images:
+                    episode.images.append(rotate_180(task.render()))
                 episode.ee_pos.append(robot.eef_pos)
                 episode.ee_ori.append(quat_to_axis_angle(robot.eef_quat))
                 episode.gripper.append(robot.gripper_qpos)
@@ -204,8 +211,9 @@ def write_demo(hdf5, episode: Episode, init_state: np.ndarray, seed: int) -> str
     obs = group.create_group('obs')
     ee_pos = np.stack(episode.ee_pos)                                 # [N, 3]
     ee_ori = np.stack(episode.ee_ori)                                 # [N, 3]
-    obs.create_dataset('agentview_rgb', data=np.stack(episode.images), compression='gzip',
-                       compression_opts=4)                           # [N, H, W, 3]
+    if episode.images:
+        obs.create_dataset('agentview_rgb', data=np.stack(episode.images), compression='gzip',
+                           compression_opts=4)                       # [N, H, W, 3]
     obs.create_dataset('ee_pos', data=ee_pos)
     obs.create_dataset('ee_ori', data=ee_ori)
     obs.create_dataset('ee_states', data=np.concatenate([ee_pos, ee_ori], axis=1))
@@ -242,8 +250,8 @@ class TaskSummary:
 
 
 def collect_task(task: LiberoTask, init_states: list[int] | None, out: Path, max_steps: int,
-                 resume: bool, seed: int, progress=None) -> TaskSummary:
-    """Collect the demos of one task into its HDF5 file."""
+                 resume: bool, seed: int, progress=None, images: bool = True) -> TaskSummary:
+    """Collect the demos of one task into its HDF5 file (images=False: no camera)."""
     goal = resolve_goal(task.language, task.suite)
     expert = SpatialExpert(goal)
     states = list(range(task.num_init_states)) if init_states is None else init_states
@@ -259,7 +267,8 @@ def collect_task(task: LiberoTask, init_states: list[int] | None, out: Path, max
             if init_state in kept:
                 summary.skipped += 1
             else:
-                episode = rollout(task, expert, init_state, max_steps or task.horizon)
+                episode = rollout(task, expert, init_state, max_steps or task.horizon,
+                                  images=images)
                 summary.wall.append(episode.wall_time)
                 if episode.success:
                     write_demo(hdf5, episode, task.init_states[init_state], seed)
@@ -313,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
                 try:
                     summaries.append(collect_task(task, args.init_states, args.out,
                                                   args.max_steps, args.resume, args.seed,
-                                                  progress))
+                                                  progress, images=not args.no_images))
                 except ValueError as exc:
                     logger.error('%s', exc)
                     return 2

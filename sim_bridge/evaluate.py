@@ -60,8 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--draft', default='default',
                         help="draft directory ('default' = the bundle's draft)")
     parser.add_argument('--no-draft', action='store_true', help='main-only decoding')
-    parser.add_argument('--acceptance', choices=('exact', 'tolerance'), default='exact',
-                        help='draft acceptance rule')
+    parser.add_argument('--acceptance', choices=('exact', 'tolerance', 'bounded'),
+                        default='exact',
+                        help='decoding mode of the policy node (bounded: certified depth)')
+    parser.add_argument('--tolerance', type=float, default=0.02,
+                        help='tolerance and bounded modes: bound on any action value, action '
+                             'units (0.02)')
     parser.add_argument('--device', default='cpu', help='torch device of the policy')
     parser.add_argument('--max-steps', type=int, default=0,
                         help='control steps per episode (0 = the suite horizon)')
@@ -204,7 +208,8 @@ def policy_command(args: argparse.Namespace) -> list[str]:
     model = str(Path(args.model).resolve()) if args.model else ''
     return [script, '--ros-args', *ros_param('model_dir', model),
             *ros_param('draft_dir', draft), *ros_param('use_draft', not args.no_draft),
-            *ros_param('acceptance', args.acceptance), *ros_param('device', args.device)]
+            *ros_param('acceptance', args.acceptance), *ros_param('tolerance', [args.tolerance]),
+            *ros_param('device', args.device)]
 
 
 def bridge_command(args: argparse.Namespace, task_id: int, results: Path,
@@ -438,6 +443,7 @@ def run(args: argparse.Namespace) -> int:
         'trials': args.trials, 'init_state': args.init_state,
         'max_steps': args.max_steps or 'suite horizon', 'model': args.model or 'default',
         'draft': 'none' if args.no_draft else args.draft, 'acceptance': args.acceptance,
+        'tolerance': args.tolerance,
         'ros_domain_id': domain,
     }
     logger.info('evaluating %s tasks %s x %d trials (%s) in ROS domain %d; logs in %s',

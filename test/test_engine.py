@@ -97,6 +97,9 @@ def distilled_dir(tiny_bundle, tmp_path_factory):
 
 
 def with_draft(engine: RSDEngine, draft, **config) -> RSDEngine:
+    """The engine's main and tokenizer with `draft`; K fixed (the mechanics under test) unless
+    `adaptive` is given."""
+    config.setdefault('adaptive', False)
     return RSDEngine(engine.main, engine.tokenizer, draft, EngineConfig(**config))
 
 
@@ -185,7 +188,7 @@ def test_main_only_is_greedy_decoding_with_eight_passes(main_only64):
         assert torch.equal(codes, reference_greedy(engine.main, image, instruction))
         assert stats.main_passes == 8 and stats.near_ties == 0
         check_consistent(stats)
-        expected = engine.tokenizer.decode(codes_to_tokens(codes[None]))[0].numpy()
+        expected = engine.tokenizer.decode(codes_to_tokens(codes[None]))[0].float().numpy()
         assert actions.dtype == np.float32 and actions.shape == (8, 7)
         np.testing.assert_array_equal(actions, expected)
 
@@ -248,7 +251,7 @@ def test_exact_stops_at_the_first_wrong_layer_and_crops_the_cache(main_only64, w
 
 def test_exact_distilled_draft_gives_main_only_tokens(tiny_bundle, distilled_dir):
     # The bundle's own main (the draft was distilled from it), loaded with from_dirs.
-    engine = RSDEngine.from_dirs(tiny_bundle, distilled_dir, dtype='float64')
+    engine = RSDEngine.from_dirs(tiny_bundle, distilled_dir, dtype='float64', adaptive=False)
     assert engine.draft.num_proposals == 3 and engine.config.use_draft
     aggregator = StatsAggregator()
     for image, instruction in random_inputs(3, seed=7):
@@ -467,9 +470,21 @@ def test_bench_reports_speedup_identity_and_deviation(tiny_bundle, distilled_dir
                               '--plot', str(plot), '--tolerance', '0.05'])
     assert bench.run(args) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result['identical_actions'] == 2 and result['identical_actions_all']
+    assert result['identical_actions'] == result['identical_actions_of'] == 4  # 2 exact modes
+    assert result['identical_actions_all']
+    assert set(result['speedup_p50']) == {'exact', 'exact_fixed', 'tolerance', 'bounded'}
+    bounded = result['bounded']
+    assert bounded['max_deviation_vs_main_only'] <= bounded['certified_bound_max'] <= 0.05
+    assert bounded['deviation_within_certificate'] and 1 <= bounded['mean_layers_decoded'] <= 8
+    assert 0 < result['physical_limit']['prefill_only_over_main_only'] < 1
+    layers = result['layers']
+    assert [row['layer'] for row in layers] == list(range(8))
+    assert all(r['truncation_change_max'] <= r['certified_bound_max'] + 1e-12
+               and r['witness_max'] <= r['certified_bound_max'] + 1e-12 for r in layers[1:])
+    assert [r['draft_code_agreement'] is not None for r in layers] == [False] * 1 + [True] * 3 \
+        + [False] * 4
     assert result['modes']['main_only']['main_passes']['mean'] == 8
-    exact = result['modes']['exact']
+    exact = result['modes']['exact_fixed']
     assert exact['main_passes']['mean'] == 8 - exact['mean_accepted_layers']
     assert len(exact['acceptance_by_depth']) == 3
     assert result['speedup_p50']['exact'] > 0 and result['speedup_paired_median']['exact'] > 0

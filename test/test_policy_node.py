@@ -320,7 +320,7 @@ def test_a_model_with_proprioception_acts_on_image_plus_joint_states(run_policy,
 
 
 def test_parameters_switch_at_run_time_and_bad_values_are_refused(run_policy, draft_dir):
-    camera, _ = run_policy(draft_dir=str(draft_dir))
+    camera, _ = run_policy(draft_dir=str(draft_dir), adaptive_proposals=False)
     camera.instruct()
     _, record = camera.chunk_for(camera.send())
     assert record['used_draft'] is True and record['acceptance'] == 'exact'
@@ -344,7 +344,7 @@ def test_parameters_switch_at_run_time_and_bad_values_are_refused(run_policy, dr
     assert record['layers_accepted'] < 3 and record['max_deviation'] == 0.0
 
     refused = {
-        'acceptance': ('fuzzy', 'expected one of exact, tolerance'),
+        'acceptance': ('fuzzy', 'expected one of exact, tolerance, bounded'),
         'tolerance': ([-0.1], 'finite values >= 0'),
         'action_names': (['a', 'b', 'c', 'd', 'e', 'f'], 'has 6 names; expected 7'),
         'action_low': ([0.9] * 7, 'exceeds action_high'),
@@ -356,6 +356,27 @@ def test_parameters_switch_at_run_time_and_bad_values_are_refused(run_policy, dr
         assert not result.successful and reason in result.reason, (name, result.reason)
     (result,) = camera.set_parameters(tolerance=[0.1, 0.2, 0.3])
     assert not result.successful and 'expected 1 (all dims) or 7' in result.reason
+
+
+def test_bounded_mode_reports_depth_bound_and_k_over_dds(run_policy, draft_dir):
+    camera, _ = run_policy(draft_dir=str(draft_dir), acceptance='bounded', tolerance=[0.5])
+    camera.instruct()
+    records = [camera.chunk_for(camera.send())[1] for _ in range(3)]
+    for previous, record in zip([None] + records, records, strict=False):
+        assert record['acceptance'] == 'bounded'
+        assert 1 <= record['layers_decoded'] < 8 and record['main_passes'] >= 1
+        assert 0 < record['certified_bound'] <= 0.5
+        if previous is not None:          # proposals cover only the depth last needed
+            assert record['layers_proposed'] <= max(0, previous['layers_decoded'] - 2)
+    camera.wait_counter('chunks', 3)
+    assert camera.value('mode') == 'bounded'
+    assert 1 <= float(camera.value('layers decoded')) < 8
+    assert 0 < float(camera.value('certified bound max')) <= 0.5
+    assert float(camera.value('K chosen mean')) >= 0
+    # tightened at run time: every layer is decoded again (the certificate cannot pass)
+    assert all(r.successful for r in camera.set_parameters(tolerance=[0.0]))
+    _, record = camera.chunk_for(camera.send())
+    assert record['layers_decoded'] == 8 and record['certified_bound'] == 0.0
 
 
 def test_use_draft_is_refused_without_a_draft(run_policy):

@@ -97,7 +97,7 @@ def test_exact_speculation_with_state_equals_main_only(proprio_bundle):
     main_only = RSDEngine.from_dirs(proprio_bundle, draft_dir='', dtype='float64')
     engine = RSDEngine(main_only.main, main_only.tokenizer,
                        untrained_draft(main_only.main.hidden_size, k=3),
-                       EngineConfig(acceptance='exact'))
+                       EngineConfig(acceptance='exact', adaptive=False))
     assert engine.proprio_names == TEST_JOINTS
     for seed in range(3):
         state = STATE * (seed + 1)

@@ -1,0 +1,70 @@
+"""`rsd refit-decoder`: a coarse-layer decoder, same codes, a certificate shaped at a depth."""
+
+import json
+
+import numpy as np
+import torch
+
+from rsd_core import cli
+from rsd_core.refit_decoder import linear_bound, refit_decoder
+from rsd_core.tokenizer import ActionTokenizer, TokenizerConfig
+from rsd_core.train_tokenizer import fit_tokenizer, synthetic_chunks
+
+
+def small_tokenizer() -> tuple[ActionTokenizer, np.ndarray]:
+    chunks = synthetic_chunks(3000, seed=2)
+    tokenizer, _ = fit_tokenizer(chunks, TokenizerConfig(hidden_size=32), steps=150, seed=0,
+                                 progress=False)
+    return tokenizer, chunks
+
+
+def test_refit_keeps_the_codes_and_shapes_the_certificate(tmp_path):
+    old, chunks = small_tokenizer()
+    before = float(linear_bound(old, 3).max().detach())
+    new = refit_decoder(old, chunks, coarse_layers=2, steps=150, bound_depth=3,
+                        bound_target=before / 2, bound_weight=1.0, progress=False)
+    assert new.config.coarse_layers == 2 and new.config.mlp_layers == 2
+    sample = torch.from_numpy(chunks[:256])
+    assert torch.equal(new.encode(sample), old.encode(sample))        # same encoder + scales
+    after = float(new.truncation_bound(new.encode(sample[:4]), 3).max())
+    assert after < before
+    info = new.training_info['decoder_refit']
+    assert len(info['reconstruction_before']) == 8 and len(new.reconstruction) == 8
+    assert info['certified_bound_at_depth'] == float(linear_bound(new, 3).max())
+    # refitting again from the refitted one is a no-op on the codes as well
+    new.save(tmp_path / 'tok')
+    loaded = ActionTokenizer.load(tmp_path / 'tok')
+    assert loaded.config == new.config
+    tokens = new.encode(sample[:8])
+    assert torch.equal(loaded.decode(tokens), new.decode(tokens))
+
+
+def test_a_manifest_without_coarse_layers_loads_as_the_plain_decoder(tmp_path):
+    old, _ = small_tokenizer()
+    old.save(tmp_path / 'tok')
+    manifest_path = tmp_path / 'tok' / 'action_tokenizer.json'
+    manifest = json.loads(manifest_path.read_text())
+    del manifest['config']['coarse_layers']
+    manifest_path.write_text(json.dumps(manifest))
+    loaded = ActionTokenizer.load(tmp_path / 'tok')
+    assert loaded.config.coarse_layers == 0 and loaded.config.mlp_layers == 8
+
+
+def test_refit_decoder_command(tmp_path, capsys):
+    import h5py
+
+    old, chunks = small_tokenizer()
+    old.save(tmp_path / 'tok')
+    with h5py.File(tmp_path / 'demo.hdf5', 'w') as f:
+        for i in range(3):
+            f.create_dataset(f'data/demo_{i}/actions', data=chunks[i * 100:(i + 1) * 100, 0])
+    status = cli.main(['refit-decoder', str(tmp_path / 'tok'), '--demos',
+                       str(tmp_path / 'demo.hdf5'), '--out', str(tmp_path / 'new'),
+                       '--steps', '20', '--coarse-layers', '2'])
+    assert status == 0
+    out = capsys.readouterr().out
+    assert 'before the refit' in out and 'certified bound with 3 layers kept' in out
+    assert ActionTokenizer.load(tmp_path / 'new').config.coarse_layers == 2
+    assert cli.main(['refit-decoder', str(tmp_path / 'tok'), '--demos',
+                     str(tmp_path / 'demo.hdf5'), '--out', str(tmp_path / 'bad'),
+                     '--coarse-layers', '4', '--bound-depth', '3']) == 1
