@@ -35,7 +35,7 @@ setup(
     license='Apache-2.0',
     entry_points={
         'console_scripts': [
-            'rsd = rsd_core.cli:main',
+            'rsd = rsd_ros.cli:main',
             'rsd_policy = rsd_ros.policy_node:main',
             'libero_bridge = sim_bridge.bridge_node:main',
             'libero_expert = sim_bridge.expert_node:main',

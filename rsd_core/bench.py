@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rsd_core.distill import read_proprio
 from rsd_core.engine import RSDEngine
 from rsd_core.layer_report import format_layer_report, layer_report
+from rsd_core.observations import load_image, read_observations
 from rsd_core.stats import PHASES, StatsAggregator
-from rsd_core.train_tokenizer import torch_threads
+from rsd_core.threads import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -108,25 +108,12 @@ def state_statistics(engine: RSDEngine) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def observation_inputs(directory: str | Path, n: int) -> list[Input]:
-    """The first n entries of an observation directory (index.jsonl + images/*.png, with the
-    robot state when the entries record one)."""
-    import imageio.v3 as iio
-
-    directory = Path(directory)
-    index = directory / 'index.jsonl'
-    if not index.is_file():
-        raise FileNotFoundError(f'{index}: not found; expected an observation directory '
-                                '(index.jsonl + images/) as written by rsd record-observations')
-    inputs = []
-    for line in index.read_text().splitlines():
-        if line.strip() and len(inputs) < n:
-            entry = json.loads(line)
-            image = np.asarray(iio.imread(directory / entry['image']))[..., :3]
-            inputs.append((image.astype(np.uint8), entry['instruction'],
-                           read_proprio(entry.get('proprio'))))
-    if not inputs:
-        raise ValueError(f'{index}: no entries')
-    return inputs
+    """The first n usable entries of an observation directory (rsd_core.observations), with
+    the robot state when the entries record one. ValueError when there are none."""
+    observations = read_observations(directory)[:n]
+    if not observations:
+        raise ValueError(f'{directory}: no usable observations')
+    return [(load_image(o.image), o.instruction, o.proprio) for o in observations]
 
 
 def weight_bytes(module: torch.nn.Module) -> int:

@@ -32,7 +32,6 @@ from rsd_core.acceptance import MODES, Verdict, accept_exact, accept_tolerance, 
 from rsd_core.bundle import default_bundle_dir
 from rsd_core.draft import DraftModel
 from rsd_core.main_model import MainModel, resolve_dtype
-from rsd_core.processor import check_image
 from rsd_core.speculation import SpeculationPlanner
 from rsd_core.stats import PHASES, ChunkStats
 from rsd_core.timing import PhaseTimer
@@ -137,12 +136,14 @@ def decode_layers(main: MainModel, cache: Cache, codes: torch.Tensor, num_layers
     return codes, new_logits
 
 
-def greedy_trace(main: MainModel, inputs: dict,
+def greedy_trace(main: MainModel, inputs: dict, num_layers: int | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Main-only greedy decoding of every layer, keeping what it saw: (h0 [B, H], codes
-    [B, L, C], logits [B, L, C, V], the logits that chose each layer)."""
+    """Main-only greedy decoding of layers 0..l-1 (l = num_layers, default every layer L),
+    keeping what it saw: (h0 [B, H], codes [B, l, C], logits [B, l, C, V], the logits that
+    chose each layer). l main passes."""
     cache, h0, logits0 = prefill(main, inputs)
-    codes, logits = decode_layers(main, cache, greedy(logits0)[:, None], main.num_layers,
+    depth = main.num_layers if num_layers is None else num_layers
+    codes, logits = decode_layers(main, cache, greedy(logits0)[:, None], depth,
                                   PhaseTimer(main.device))
     return h0, codes, torch.stack([logits0] + logits, dim=1)
 
@@ -319,8 +320,7 @@ class RSDEngine:
         config = self._config
         if use_draft is not None:
             config = self._checked(replace(config, use_draft=use_draft))
-        check_image(image)
-        check_instruction(instruction)
+        check_instruction(instruction)            # the image: by the processor, once
         state = self._check_proprio(proprio)
         codes, actions, stats = self._run(image, instruction, state, config)
         return codes[0].cpu(), actions[0].float().cpu().numpy(), stats
@@ -330,7 +330,6 @@ class RSDEngine:
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Main-only greedy decoding of one input with what it saw (`greedy_trace`): (h0 [H],
         codes [L, C], logits [L, C, V]), on the engine's device."""
-        check_image(image)
         check_instruction(instruction)
         inputs = self._inputs(image, instruction, self._check_proprio(proprio))
         h0, codes, logits = greedy_trace(self.main, inputs)

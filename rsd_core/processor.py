@@ -174,7 +174,7 @@ class PromptProcessor:
 
     def preprocess_image(self, image: np.ndarray) -> torch.Tensor:
         """One [H, W, 3] uint8 RGB image -> [1, 3, image_size, image_size] float32, normalised."""
-        check_image(image)
+        check_image_array(image)
         # A C-ordered copy: camera arrays may be read-only or flipped views (negative strides).
         x = torch.from_numpy(np.array(image, order='C')).permute(2, 0, 1)[None]  # [1, 3, H, W]
         x = x.to(torch.float32) / 255.0
@@ -184,7 +184,7 @@ class PromptProcessor:
         return (x - self._mean) / self._std
 
 
-def check_image(image: np.ndarray) -> None:
+def check_image_array(image: np.ndarray) -> None:
     """Raise ValueError unless `image` is a non-empty [H, W, 3] uint8 RGB array."""
     if not isinstance(image, np.ndarray):
         raise ValueError(f'image must be a numpy array [H, W, 3] uint8, got '

@@ -50,7 +50,7 @@ def default_bridge() -> CvBridge:
     return _bridge
 
 
-def check_image(msg: Image) -> None:
+def check_image_message(msg: Image) -> None:
     """Raise ImageConversionError unless `msg` is a well-formed image of a supported encoding."""
     if msg.encoding not in CHANNELS:
         raise ImageConversionError(
@@ -74,7 +74,7 @@ def check_image(msg: Image) -> None:
 def tight_message(msg: Image) -> Image:
     """`msg` with rows packed to width x channels bytes and `is_bigendian` cleared.
 
-    Returns `msg` itself when it already is in that form. `msg` must pass `check_image`.
+    Returns `msg` itself when it already is in that form. `msg` must pass `check_image_message`.
     """
     row_bytes = msg.width * CHANNELS[msg.encoding]
     if msg.step == row_bytes and not msg.is_bigendian:
@@ -89,7 +89,13 @@ def imgmsg_to_rgb(msg: Image) -> np.ndarray:
 
     Raises ImageConversionError for anything malformed or unsupported (see the module doc).
     """
-    check_image(msg)
+    check_image_message(msg)
+    return checked_imgmsg_to_rgb(msg)
+
+
+def checked_imgmsg_to_rgb(msg: Image) -> np.ndarray:
+    """`imgmsg_to_rgb` of a message that already passed `check_image_message` (where it
+    entered: the node's subscription), without checking its header again."""
     try:
         rgb = default_bridge().imgmsg_to_cv2(tight_message(msg), desired_encoding='rgb8')
     except Exception as error:  # CvBridgeError, cv2.error, KeyError (the port) alike

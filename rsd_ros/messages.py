@@ -1,10 +1,7 @@
 """Engine outputs -> ROS messages, as pure functions (no node, no executor; unit-tested alone).
 
-- `chunk_to_trajectory`: actions [T, A] -> trajectory_msgs/JointTrajectory. joint_names are the
-  action dimension names, one point per chunk step, positions clipped to the action limits.
-  time_from_start of point i (0-based) is (i + 1) x control_period: the instant control step i
-  ends, i.e. when its target is due. No point sits at 0 s, which trajectory controllers read as
-  "the current state" rather than a target, and the last point's time is the chunk's duration.
+- `chunk_to_trajectory`: actions [T, A] -> trajectory_msgs/JointTrajectory, positions clipped
+  to the action limits and packed as the topic contract says (`rsd_ros.topics.pack_chunk`).
 - `stats_json`: one ChunkStats (+ node-side figures) -> the `policy_stats` JSON line, with the
   source image's stamp so a listener can match it to the chunk.
 - `joint_state_vector`: sensor_msgs/JointState -> the robot state [P] a model with
@@ -19,24 +16,14 @@ from dataclasses import asdict, dataclass, fields
 import json
 import math
 
-from builtin_interfaces.msg import Duration, Time
+from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 import numpy as np
 from sensor_msgs.msg import JointState
-from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+from trajectory_msgs.msg import JointTrajectory
 
 from rsd_core.stats import ChunkStats
-
-
-def duration(seconds: float) -> Duration:
-    """Seconds (>= 0) -> builtin_interfaces/Duration, rounded to the nanosecond."""
-    total = round(seconds * 1e9)
-    return Duration(sec=total // 1_000_000_000, nanosec=total % 1_000_000_000)
-
-
-def stamp_ns(stamp: Time) -> int:
-    """builtin_interfaces/Time -> integer nanoseconds."""
-    return stamp.sec * 1_000_000_000 + stamp.nanosec
+from rsd_ros.topics import pack_chunk
 
 
 def clip_chunk(actions: np.ndarray, low: Sequence[float], high: Sequence[float],
@@ -67,13 +54,7 @@ def chunk_to_trajectory(actions: np.ndarray, stamp: Time, frame_id: str,
     clipped, n_clipped = clip_chunk(actions, low, high)
     if len(joint_names) != clipped.shape[1]:
         raise ValueError(f'{len(joint_names)} joint names for {clipped.shape[1]} action dims')
-    msg = JointTrajectory(joint_names=list(joint_names))
-    msg.header.stamp = stamp
-    msg.header.frame_id = frame_id
-    msg.points = [JointTrajectoryPoint(positions=row.tolist(),
-                                       time_from_start=duration((i + 1) * control_period))
-                  for i, row in enumerate(clipped)]
-    return msg, n_clipped
+    return pack_chunk(clipped, stamp, frame_id, joint_names, control_period), n_clipped
 
 
 def joint_state_vector(msg: JointState, names: Sequence[str]) -> np.ndarray:
@@ -116,7 +97,7 @@ def stats_json(stats: ChunkStats, stamp: Time, **extra) -> str:
 
 
 @dataclass
-class Counters:
+class PolicyCounters:
     """Cumulative event counts of the policy node since start."""
 
     frames: int = 0            # images received
@@ -129,13 +110,13 @@ class Counters:
     no_state: int = 0          # images not acted on: no usable joint_states (proprio models)
     errors: int = 0            # engine exceptions
 
-    def since(self, earlier: 'Counters') -> 'Counters':
+    def since(self, earlier: 'PolicyCounters') -> 'PolicyCounters':
         """Counts between `earlier` and now."""
-        return Counters(**{f.name: getattr(self, f.name) - getattr(earlier, f.name)
+        return PolicyCounters(**{f.name: getattr(self, f.name) - getattr(earlier, f.name)
                            for f in fields(self)})
 
 
-def status_level(new: Counters, *, waiting_for_instruction: bool, error: str | None,
+def status_level(new: PolicyCounters, *, waiting_for_instruction: bool, error: str | None,
                  ) -> tuple[bytes, str]:
     """(level, message) from the counts of the last period and the node's state.
 
@@ -180,7 +161,7 @@ def mode_name(use_draft: bool, acceptance: str) -> str:
     return acceptance if use_draft else 'main-only'
 
 
-def status_values(summary: dict, latency_ms: Sequence[float], counters: Counters,
+def status_values(summary: dict, latency_ms: Sequence[float], counters: PolicyCounters,
                   use_draft: bool, mode: str) -> dict[str, str]:
     """Key values of the inference status.
 

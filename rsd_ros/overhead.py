@@ -205,9 +205,9 @@ def run(args: argparse.Namespace) -> int:
     answered."""
     with tempfile.TemporaryDirectory() as tmp:
         if args.test_bundle:
-            from rsd_core.bundle import make_test_bundle
+            from rsd_core.training.build_default import build_untrained_bundle
 
-            args.model_dir = str(make_test_bundle(Path(tmp) / 'bundle'))
+            args.model_dir = str(build_untrained_bundle(Path(tmp) / 'bundle'))
         return _run(args)
 
 

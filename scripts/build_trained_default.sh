@@ -14,8 +14,8 @@
 #    gripper finger positions, one prompt position), fine-tuned on the same demos with the same
 #    action tokenizer; it distils the draft into OUT/draft at the end.
 # 4. refit-decoder: the tokenizer's decoder refitted so its fine layers admit a tight certified
-#    depth (rsd_core.refit_decoder; encoder, quantiser and codes unchanged, so the policy is
-#    untouched), on the same demos' actions. The committed bundle's decoder came from demos
+#    depth (rsd_core.training.decoder_refit; encoder, quantiser and codes unchanged, so the policy
+#    is untouched), on the same demos' actions. The committed bundle's decoder came from demos
 #    collected with --no-images (identical actions: the expert does not look at the camera).
 # Every stage is resumable: run the script again after an interruption.
 set -euo pipefail

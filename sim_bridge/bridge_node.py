@@ -7,74 +7,63 @@ Publishes the upright agent-view image on `camera/image_raw`, the task language 
 
 The simulator runs in its own thread (a render blocks for ~0.1 s); the ROS executor in the
 main thread only converts and queues incoming chunks, so their arrival time is taken when they
-arrive, not when the simulator is free. Modes (parameter `mode`):
+arrive, not when the simulator is free. Each episode runs under the scheduler of the `mode`
+parameter, which reaches the node only through an `EpisodeLink`:
 
-- lockstep: publish an observation, wait for the chunk stamped with its stamp, execute all its
-  steps, observe again. No answer within `chunk_timeout` -> the same view is republished with a
-  new stamp (an answer to either is accepted). Reproducible: the policy's speed costs no steps.
-- realtime: control ticks at 20 Hz on the wall clock. Each tick executes the point of the
-  newest chunk that is due at that tick, counted from the tick of the chunk's observation
-  (found by its stamp): points whose time passed while the policy was thinking are skipped
-  (delay compensation), and the arm holds when nothing is due. An observation is published
-  when the chunk runs out (or every `observation_interval` ticks). Ticks are paced without
-  catching up: while the simulator renders (~0.1 s) the simulated world pauses, so the
-  camera costs no steps but the policy's latency does; `real_time_factor` in the episode
-  record says how close to real time the simulator kept (< 1 on an overloaded machine, which
-  gives the policy more time per step than a real robot would). The world also waits for
-  the first chunk of an episode, as a robot waits for its policy to come up.
+- lockstep (`lockstep.LockstepScheduler`): observation -> wait for the chunk with its stamp
+  (republishing after `chunk_timeout`) -> all its steps. The policy's speed costs no steps.
+- realtime (`realtime.RealtimeScheduler`): 20 Hz ticks on the wall clock, each executing the
+  newest chunk's point due at that tick: the policy's latency costs skipped and held steps.
+  `real_time_factor` in the episode record says how close to real time the simulator kept
+  (< 1 on an overloaded machine, which gives the policy more time per step than a robot).
 
-Only topics connect the bridge to a policy: nothing from rsd_core or rsd_ros is imported.
+Message contents are built in `bridge_messages`. Only topics connect the bridge to a policy:
+nothing from rsd_core or rsd_ros is imported.
 """
 
+from collections.abc import Callable
+from functools import partial
 import json
 from pathlib import Path
 import queue
 import threading
 import time
 import traceback
+from typing import Any
 
-from builtin_interfaces.msg import Time
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray
 import numpy as np
 from rcl_interfaces.msg import ParameterDescriptor
 import rclpy
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 from trajectory_msgs.msg import JointTrajectory
 
+from rsd_ros import topics
+from sim_bridge.bridge_messages import (
+    chunk_message,
+    diagnostics_msg,
+    episode_record,
+    image_msg,
+    joint_state_msg,
+    privileged_state,
+)
 from sim_bridge.chunk_executor import (
     ChunkMessage,
     ChunkRejected,
     ChunkValidator,
-    Counters,
+    ExecutorCounters,
     LockstepExecutor,
     RealtimeExecutor,
-    next_due,
-    percentile_summary,
 )
+from sim_bridge.episode_link import EpisodeLink, Offer
 from sim_bridge.libero_env import CONTROL_PERIOD, LiberoTask, Observation
+from sim_bridge.lockstep import LockstepScheduler
+from sim_bridge.realtime import RealtimeScheduler
 
-DEFAULT_ACTION_NAMES = ['dx', 'dy', 'dz', 'droll', 'dpitch', 'dyaw', 'gripper']
 MODES = ('lockstep', 'realtime')
-
-SENSOR_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
-                        reliability=ReliabilityPolicy.BEST_EFFORT,
-                        durability=DurabilityPolicy.VOLATILE)
-LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
-                         reliability=ReliabilityPolicy.RELIABLE,
-                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
-RESULT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
-                        reliability=ReliabilityPolicy.RELIABLE,
-                        durability=DurabilityPolicy.TRANSIENT_LOCAL)
-CHUNK_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
-                       reliability=ReliabilityPolicy.RELIABLE)
-RELIABLE_10 = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
-                         reliability=ReliabilityPolicy.RELIABLE)
-POSES_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
-                       reliability=ReliabilityPolicy.RELIABLE)
 
 # name: (default, description); all read-only after start.
 PARAMETERS = {
@@ -87,7 +76,8 @@ PARAMETERS = {
     'episodes': (1, 'episodes to run before exiting; 0 = run until stopped'),
     'camera_size': (128, 'camera image height = width, px'),
     'results_file': ('', 'append one JSON line per episode here; empty = do not write'),
-    'action_names': (DEFAULT_ACTION_NAMES, 'expected joint_names of action_chunk, in order'),
+    'action_names': (list(topics.LIBERO_ACTION_NAMES),
+                     'expected joint_names of action_chunk, in order'),
     'chunk_timeout': (5.0, 's without an answer before the observation is republished'),
     'chunk_len': (8, 'expected points per chunk; 0 = any number'),
     'observation_interval': (0, 'realtime: observe every N ticks; 0 = when the chunk runs out'),
@@ -96,56 +86,6 @@ PARAMETERS = {
     'frame_id': ('agentview', 'frame_id of the published images'),
     'diagnostics_period': (1.0, 's between /diagnostics messages'),
 }
-
-
-def time_msg(stamp_ns: int) -> Time:
-    """Nanoseconds -> builtin_interfaces Time."""
-    return Time(sec=stamp_ns // 1_000_000_000, nanosec=stamp_ns % 1_000_000_000)
-
-
-def stamp_ns_of(stamp: Time) -> int:
-    """builtin_interfaces Time -> nanoseconds."""
-    return stamp.sec * 1_000_000_000 + stamp.nanosec
-
-
-def chunk_message(msg: JointTrajectory, received_ns: int) -> ChunkMessage:
-    """JointTrajectory -> plain numbers for the executor."""
-    return ChunkMessage(
-        stamp_ns=stamp_ns_of(msg.header.stamp), joint_names=tuple(msg.joint_names),
-        positions=tuple(tuple(float(x) for x in point.positions) for point in msg.points),
-        time_from_start=tuple(point.time_from_start.sec + point.time_from_start.nanosec * 1e-9
-                              for point in msg.points),
-        received_ns=received_ns)
-
-
-def image_msg(image: np.ndarray, stamp_ns: int, frame_id: str) -> Image:
-    """[H, W, 3] uint8 RGB -> sensor_msgs/Image (rgb8, tight rows)."""
-    height, width, _ = image.shape
-    msg = Image(height=height, width=width, encoding='rgb8', is_bigendian=0, step=width * 3)
-    msg.header.stamp = time_msg(stamp_ns)
-    msg.header.frame_id = frame_id
-    msg.data = np.ascontiguousarray(image, dtype=np.uint8).tobytes()
-    return msg
-
-
-def pose_list(pos: np.ndarray, quat: np.ndarray) -> list[float]:
-    """[x, y, z, qx, qy, qz, qw] rounded to 0.1 mm / 1e-6."""
-    return [round(float(v), 6) for v in (*pos, *quat)]
-
-
-def aggregate_policy_stats(messages: list[dict]) -> dict | None:
-    """Count, sums and means of the numeric fields of per-chunk policy stats; the last message."""
-    if not messages:
-        return None
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for message in messages:
-        for key, value in message.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                sums[key] = sums.get(key, 0.0) + float(value)
-                counts[key] = counts.get(key, 0) + 1
-    means = {key: sums[key] / counts[key] for key in sums}
-    return {'chunks': len(messages), 'sums': sums, 'means': means, 'last': messages[-1]}
 
 
 def write_video(path: str | Path, frames: list[np.ndarray], fps: float) -> Path:
@@ -170,7 +110,7 @@ class LiberoBridge(Node):
     keeps ownership). Lets a process reuse one MuJoCo scene for several bridges.
     """
 
-    def __init__(self, task: LiberoTask | None = None, **kwargs):
+    def __init__(self, task: LiberoTask | None = None, **kwargs: Any) -> None:
         super().__init__('libero_bridge', **kwargs)
         self._given_task = task
         for name, (default, description) in PARAMETERS.items():
@@ -182,16 +122,20 @@ class LiberoBridge(Node):
                                         chunk_len=self.config['chunk_len'],
                                         default_period=CONTROL_PERIOD)
 
-        self.image_pub = self.create_publisher(Image, 'camera/image_raw', SENSOR_QOS)
-        self.instruction_pub = self.create_publisher(String, 'instruction', LATCHED_QOS)
-        self.joint_pub = self.create_publisher(JointState, 'joint_states', SENSOR_QOS)
-        self.poses_pub = self.create_publisher(String, 'sim/object_poses', POSES_QOS)
-        self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics',
-                                                     RELIABLE_10)
-        self.result_pub = self.create_publisher(String, 'episode_result', RESULT_QOS)
-        self.chunk_sub = self.create_subscription(JointTrajectory, 'action_chunk',
-                                                  self._on_chunk, CHUNK_QOS)
-        self.create_subscription(String, 'policy_stats', self._on_policy_stats, RELIABLE_10)
+        self.image_pub = self.create_publisher(Image, topics.CAMERA, topics.SENSOR_QOS)
+        self.instruction_pub = self.create_publisher(String, topics.INSTRUCTION,
+                                                     topics.INSTRUCTION_QOS)
+        self.joint_pub = self.create_publisher(JointState, topics.JOINT_STATES,
+                                               topics.SENSOR_QOS)
+        self.poses_pub = self.create_publisher(String, topics.OBJECT_POSES, topics.POSES_QOS)
+        self.diagnostics_pub = self.create_publisher(DiagnosticArray, topics.DIAGNOSTICS,
+                                                     topics.STATS_QOS)
+        self.result_pub = self.create_publisher(String, topics.EPISODE_RESULT,
+                                                topics.RESULT_QOS)
+        self.chunk_sub = self.create_subscription(JointTrajectory, topics.ACTION_CHUNK,
+                                                  self._on_chunk, topics.CHUNK_QOS)
+        self.create_subscription(String, topics.POLICY_STATS, self._on_policy_stats,
+                                 topics.STATS_QOS)
         self.create_timer(self.config['diagnostics_period'], self._publish_diagnostics)
 
         self.finished = threading.Event()
@@ -201,10 +145,11 @@ class LiberoBridge(Node):
         self._lock = threading.Lock()
         self._policy_stats: list[dict] = []
         self._status = {'state': 'loading', 'episode': 0, 'step': 0}
-        self._counters = Counters()
+        self._counters = ExecutorCounters()
         self._thread = threading.Thread(target=self._run, name='libero_sim', daemon=True)
 
     def _check_config(self) -> None:
+        """Raise ValueError listing every parameter out of range."""
         config = self.config
         problems = []
         if config['mode'] not in MODES:
@@ -226,12 +171,15 @@ class LiberoBridge(Node):
     # --- ROS side (executor thread) -----------------------------------------------------------
 
     def _now_ns(self) -> int:
+        """Now on the node's (ROS) clock, ns: the stamps' clock."""
         return self.get_clock().now().nanoseconds
 
     def _on_chunk(self, msg: JointTrajectory) -> None:
+        """Queue the chunk for the simulator thread, timed on arrival."""
         self._inbox.put(chunk_message(msg, self._now_ns()))
 
     def _on_policy_stats(self, msg: String) -> None:
+        """Keep a JSON-object stats message for the episode record."""
         try:
             stats = json.loads(msg.data)
         except json.JSONDecodeError:
@@ -242,21 +190,13 @@ class LiberoBridge(Node):
                 self._policy_stats.append(stats)
 
     def _publish_diagnostics(self) -> None:
+        """The simulator thread's state and the current episode's counters."""
         with self._lock:
             status = dict(self._status)
             counters = self._counters.as_dict()
-        level = DiagnosticStatus.OK
-        if status['state'] in ('waiting for policy', 'republishing'):
-            level = DiagnosticStatus.WARN
-        elif status['state'] == 'failed':
-            level = DiagnosticStatus.ERROR
-        values = {**status, **counters, 'mode': self.config['mode']}
-        array = DiagnosticArray()
+        array = diagnostics_msg(f'{self.get_name()}: sim', status,
+                                {**counters, 'mode': self.config['mode']})
         array.header.stamp = self.get_clock().now().to_msg()
-        array.status = [DiagnosticStatus(
-            level=level, name=f'{self.get_name()}: sim', hardware_id='libero_sim',
-            message=status['state'],
-            values=[KeyValue(key=str(k), value=str(v)) for k, v in values.items()])]
         self.diagnostics_pub.publish(array)
 
     # --- simulator thread ---------------------------------------------------------------------
@@ -271,11 +211,13 @@ class LiberoBridge(Node):
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def _set_status(self, **status) -> None:
+    def _set_status(self, **status: Any) -> None:
+        """Update what /diagnostics reports (state, episode, step, ...)."""
         with self._lock:
             self._status.update(status)
 
     def _run(self) -> None:
+        """The simulator thread: build the task, wait for a policy, run the episodes."""
         task = self._given_task
         try:
             config = self.config
@@ -332,40 +274,27 @@ class LiberoBridge(Node):
                 return False
         return not self._stop.wait(0.2)
 
+    def _poll_inbox(self) -> ChunkMessage | None:
+        """The oldest queued chunk, or None if the inbox is empty (no waiting)."""
+        try:
+            return self._inbox.get_nowait()
+        except queue.Empty:
+            return None
+
     def _drain_inbox(self) -> None:
-        while True:
-            try:
-                self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        """Drop every queued chunk (answers to an earlier episode's observations)."""
+        while self._poll_inbox() is not None:
+            pass
 
     def _publish_observation(self, task: LiberoTask, obs: Observation, stamp_ns: int,
                              episode: int) -> None:
         """Object poses, joint states, then the image, all with one stamp."""
-        robot = obs.robot
-        stamp = time_msg(stamp_ns)
-        poses = {
-            'stamp': {'sec': stamp.sec, 'nanosec': stamp.nanosec},
-            'suite': task.suite, 'task_id': task.task_id, 'task': task.task_name,
-            'language': task.language, 'init_state': task.init_state, 'episode': episode,
-            'step': obs.step,
-            'objects': {name: pose_list(pos, quat)
-                        for name, (pos, quat) in task.object_poses().items()},
-            'eef_pos': [round(float(v), 6) for v in robot.eef_pos],
-            'eef_quat': [round(float(v), 6) for v in robot.eef_quat],
-            'gripper_qpos': [round(float(v), 6) for v in robot.gripper_qpos],
-            'gripper_command': task.last_gripper,
-            'joint_pos': [round(float(v), 6) for v in robot.joint_pos],
-        }
-        self.poses_pub.publish(String(data=json.dumps(poses)))
-        joints = JointState(name=task.joint_names + task.gripper_joint_names,
-                            position=[float(v) for v in (*robot.joint_pos, *robot.gripper_qpos)],
-                            velocity=[float(v) for v in robot.joint_vel] + [0.0, 0.0])
-        joints.header.stamp = stamp
-        self.joint_pub.publish(joints)
+        state = privileged_state(task, obs, stamp_ns, episode)
+        self.poses_pub.publish(String(data=json.dumps(state)))
+        self.joint_pub.publish(joint_state_msg(task, obs.robot, stamp_ns))
         self.image_pub.publish(image_msg(obs.image, stamp_ns, self.config['frame_id']))
 
-    def _await_answer(self, offer, republish) -> bool:
+    def _await_answer(self, offer: Offer, republish: Callable[[], None]) -> bool:
         """Feed queued chunks to `offer` until it returns True (or raises ChunkRejected, which is
         logged and counts as an answer); republish after `chunk_timeout`. False if stopped."""
         timeout = self.config['chunk_timeout']
@@ -407,11 +336,11 @@ class LiberoBridge(Node):
         frames = [] if config['video_path'] and episode == 0 else None
         timing = {'render_s': 0.0, 'renders': 0, 'physics_s': 0.0}
         started = time.monotonic()
-        if config['mode'] == 'lockstep':
-            counters, extra = self._lockstep(task, obs, episode, max_steps, frames, timing)
-        else:
-            counters, extra = self._realtime(task, obs, episode, max_steps, frames, timing)
-        if counters is None:
+        scheduler = self._scheduler(self._episode_link(task, episode, max_steps, frames, timing))
+        if frames is not None:
+            frames.append(obs.image)
+        extra = scheduler.run(obs)
+        if extra is None:
             return None
         wall = time.monotonic() - started
         if frames is not None:
@@ -421,23 +350,37 @@ class LiberoBridge(Node):
             self.get_logger().info(f'wrote {len(frames)} frames to {path}')
         with self._lock:
             stats = list(self._policy_stats)
-        return {
-            'suite': task.suite, 'task_id': task.task_id, 'task': task.task_name,
-            'instruction': task.language, 'init_state': init_state, 'episode': episode,
-            'seed': config['seed'], 'mode': config['mode'], 'success': task.success,
-            'max_steps': max_steps, 'sim_time_s': round(task.sim_time, 3),
-            'wall_time_s': round(wall, 3),
-            'latency_ms': percentile_summary(counters.latencies),
-            'latencies_ms': [round(v * 1e3, 3) for v in counters.latencies],
-            **counters.as_dict(), **extra,   # steps, held_steps, skipped_steps, ...
-            'observations': timing['renders'] + 1,
-            'render_ms_mean': round(1e3 * timing['render_s'] / max(timing['renders'], 1), 3),
-            'physics_ms_mean': round(1e3 * timing['physics_s'] / max(task.steps, 1), 3),
-            'policy_stats': aggregate_policy_stats(stats),
-            'finished_at': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
-        }
+        return episode_record(task, init_state, episode, max_steps, seed=config['seed'],
+                              mode=config['mode'], wall_s=wall,
+                              counters=scheduler.executor.counters, extra=extra, timing=timing,
+                              policy_stats=stats)
+
+    def _episode_link(self, task: LiberoTask, episode: int, max_steps: int,
+                      frames: list | None, timing: dict) -> EpisodeLink:
+        """What the episode's scheduler may do: publish, observe, step, take chunks, wait."""
+        return EpisodeLink(
+            now_ns=self._now_ns,
+            publish=partial(self._publish_observation, task, episode=episode),
+            observe=partial(self._observe, task, frames, timing),
+            step=partial(self._step, task, max_steps=max_steps, timing=timing),
+            poll=self._poll_inbox, await_answer=self._await_answer, wait=self._stop.wait,
+            warn=self.get_logger().warning, progress=lambda steps: self._set_status(step=steps))
+
+    def _scheduler(self, link: EpisodeLink) -> LockstepScheduler | RealtimeScheduler:
+        """The configured mode's scheduler over a new executor (its counters go to
+        /diagnostics)."""
+        if self.config['mode'] == 'lockstep':
+            scheduler = LockstepScheduler(LockstepExecutor(self.validator), link)
+        else:
+            scheduler = RealtimeScheduler(
+                RealtimeExecutor(self.validator), link,
+                observation_interval=self.config['observation_interval'],
+                chunk_timeout=self.config['chunk_timeout'])
+        self._counters = scheduler.executor.counters
+        return scheduler
 
     def _observe(self, task: LiberoTask, frames: list | None, timing: dict) -> Observation:
+        """Render an observation; its time goes to `timing`, its image to `frames` (if any)."""
         t0 = time.perf_counter()
         obs = task.observe()
         timing['render_s'] += time.perf_counter() - t0
@@ -453,112 +396,8 @@ class LiberoBridge(Node):
         timing['physics_s'] += time.perf_counter() - t0
         return result.success or result.step >= max_steps
 
-    def _lockstep(self, task, obs, episode, max_steps, frames, timing):
-        executor = LockstepExecutor(self.validator)
-        self._counters = executor.counters
-        republished = 0
-        if frames is not None:
-            frames.append(obs.image)
-
-        def republish():
-            nonlocal republished
-            republished += 1
-            stamp = self._now_ns()
-            self._publish_observation(task, obs, stamp, episode)
-            executor.expect(stamp, new_observation=False)
-
-        while True:
-            stamp = self._now_ns()
-            executor.expect(stamp)
-            self._publish_observation(task, obs, stamp, episode)
-            if not self._await_answer(executor.offer, republish):
-                return None, {}
-            done = False
-            while executor.remaining and not done:
-                done = self._step(task, executor.next_action(), max_steps, timing)
-            self._set_status(step=task.steps)
-            if done:
-                return executor.counters, {'republished_observations': republished}
-            obs = self._observe(task, frames, timing)
-
-    def _realtime(self, task, obs, episode, max_steps, frames, timing):
-        executor = RealtimeExecutor(self.validator)
-        self._counters = executor.counters
-        period_ns = round(CONTROL_PERIOD * 1e9)
-        observed_tick: dict[int, int] = {}   # stamp of a published observation -> its tick
-        republished = 0
-        if frames is not None:
-            frames.append(obs.image)
-
-        def publish(tick: int) -> int:
-            stamp = self._now_ns()
-            observed_tick[stamp] = tick
-            self._publish_observation(task, obs, stamp, episode)
-            return stamp
-
-        def offer(msg: ChunkMessage) -> bool:
-            """Hand a chunk to the executor, scheduled from its observation's tick."""
-            if msg.stamp_ns not in observed_tick:
-                executor.counters.stale_chunks += 1
-                return False
-            try:
-                executor.offer(msg, observed_at_ns=observed_tick[msg.stamp_ns] * period_ns)
-            except ChunkRejected as exc:
-                self.get_logger().warning(f'rejected action chunk stamped '
-                                          f'{msg.stamp_ns * 1e-9:.3f}: {exc}; holding the arm')
-            return True
-
-        def republish():
-            nonlocal republished
-            republished += 1
-            publish(0)
-
-        # The simulated world waits for the first answer, like a robot for its policy.
-        last_stamp = publish(0)
-        if not self._await_answer(offer, republish):
-            return None, {}
-        interval = self.config['observation_interval']
-        timeout = self.config['chunk_timeout']
-        awaiting, last_obs_tick, last_obs_wall = False, 0, time.monotonic()
-        started = due = time.monotonic()
-        tick = 0
-        while not self._stop.is_set():
-            wait = due - time.monotonic()
-            if wait > 0 and self._stop.wait(wait):
-                break
-            now = time.monotonic()
-            due = next_due(due, now, CONTROL_PERIOD)
-            while True:
-                try:
-                    msg = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if offer(msg) and observed_tick[msg.stamp_ns] >= observed_tick[last_stamp]:
-                    awaiting = False
-            timed_out = awaiting and now - last_obs_wall > timeout
-            if interval:
-                observe = tick - last_obs_tick >= interval
-            else:
-                observe = not awaiting and executor.remaining(tick * period_ns) == 0
-            if observe or timed_out:
-                if timed_out:
-                    republished += 1
-                    self.get_logger().warning(f'no action chunk within {timeout:.1f} s; '
-                                              'observing again')
-                obs = self._observe(task, frames, timing)
-                last_stamp = publish(tick)
-                awaiting, last_obs_tick, last_obs_wall = True, tick, time.monotonic()
-            done = self._step(task, executor.action_at(tick * period_ns), max_steps, timing)
-            tick += 1
-            if tick % 20 == 0:
-                self._set_status(step=task.steps)
-            if done:
-                factor = task.sim_time / max(time.monotonic() - started, 1e-9)
-                return executor.counters, {'republished_observations': republished,
-                                           'real_time_factor': round(factor, 3)}
-        return None, {}
-
     def _report(self, result: dict) -> None:
+        """Publish, append to `results_file` and log one episode record."""
         line = json.dumps(result)
         self.result_pub.publish(String(data=line))
         if self.config['results_file']:

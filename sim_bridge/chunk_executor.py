@@ -107,7 +107,7 @@ class ChunkValidator:
 
 
 @dataclass
-class Counters:
+class ExecutorCounters:
     """What happened to the control steps and chunks of one episode."""
     steps: int = 0              # control steps executed
     held_steps: int = 0         # steps executed as hold (no chunk point available / rejected)
@@ -134,7 +134,7 @@ class LockstepExecutor:
 
     def __init__(self, validator: ChunkValidator):
         self.validator = validator
-        self.counters = Counters()
+        self.counters = ExecutorCounters()
         self.gripper = GRIPPER_OPEN
         self._awaited: set[int] = set()
         self._plan: list[tuple[np.ndarray, bool]] = []   # (action [A], is_hold)
@@ -198,7 +198,7 @@ class RealtimeExecutor:
 
     def __init__(self, validator: ChunkValidator):
         self.validator = validator
-        self.counters = Counters()
+        self.counters = ExecutorCounters()
         self.gripper = GRIPPER_OPEN
         self._chunk: Chunk | None = None
         self._starts: np.ndarray | None = None   # [T] ns, when each point becomes due

@@ -16,51 +16,28 @@ episode and step) gets the same chunk again under the new stamp.
 
 import json
 
-from builtin_interfaces.msg import Duration, Time
+from builtin_interfaces.msg import Time
 import numpy as np
 from rcl_interfaces.msg import ParameterDescriptor
 import rclpy
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
-from rclpy.qos import (
-    DurabilityPolicy,
-    HistoryPolicy,
-    QoSProfile,
-    ReliabilityPolicy,
-    qos_profile_sensor_data,
-)
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
-from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+from trajectory_msgs.msg import JointTrajectory
 
+from rsd_ros import topics
 from sim_bridge.expert import ACTION_DIM, Goal, SceneState, SpatialExpert, resolve_goal
-
-DEFAULT_ACTION_NAMES = ['dx', 'dy', 'dz', 'droll', 'dpitch', 'dyaw', 'gripper']
-
-INSTRUCTION_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
-                             reliability=ReliabilityPolicy.RELIABLE,
-                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
-RELIABLE_1 = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
-                        reliability=ReliabilityPolicy.RELIABLE)
 
 
 def chunk_trajectory(actions: np.ndarray, stamp: Time, joint_names: list[str],
                      control_period: float, frame_id: str = '') -> JointTrajectory:
-    """Actions [T, A] -> JointTrajectory: point i (0-based) at (i + 1) x control_period,
-    the end of control step i, as rsd_policy stamps its chunks, header.stamp = stamp."""
+    """Actions [T, A] -> JointTrajectory packed as the topic contract says (as rsd_policy
+    packs its chunks), header.stamp = stamp."""
     if actions.ndim != 2 or actions.shape[1] != len(joint_names):
         raise ValueError(f'actions {list(actions.shape)} do not match {len(joint_names)} '
                          'joint names; expected [T, A]')
-    msg = JointTrajectory(joint_names=list(joint_names))
-    msg.header.stamp = stamp
-    msg.header.frame_id = frame_id
-    for i, row in enumerate(actions):
-        nanoseconds = round((i + 1) * control_period * 1e9)
-        msg.points.append(JointTrajectoryPoint(
-            positions=[float(v) for v in row],
-            time_from_start=Duration(sec=nanoseconds // 1_000_000_000,
-                                     nanosec=nanoseconds % 1_000_000_000)))
-    return msg
+    return topics.pack_chunk(actions, stamp, frame_id, joint_names, control_period)
 
 
 def episode_key(data: dict) -> tuple:
@@ -78,8 +55,10 @@ class ExpertNode(Node):
         self.declare_parameter('control_period', 0.05, ParameterDescriptor(
             description='s between chunk points (time_from_start = (i + 1) x period)',
             read_only=True))
-        self.declare_parameter('action_names', DEFAULT_ACTION_NAMES, ParameterDescriptor(
-            description='joint_names of action_chunk, one per action dimension', read_only=True))
+        self.declare_parameter(
+            'action_names', list(topics.LIBERO_ACTION_NAMES), ParameterDescriptor(
+                description='joint_names of action_chunk, one per action dimension',
+                read_only=True))
         self.declare_parameter('frame_id', '', ParameterDescriptor(
             description='header.frame_id of action_chunk', read_only=True))
         self.declare_parameter('use_image_stamp', False, ParameterDescriptor(
@@ -94,12 +73,13 @@ class ExpertNode(Node):
             raise ValueError(f'control_period {self.period} s must be > 0 and action_names '
                              f'{self.action_names} must have {ACTION_DIM} names')
 
-        self.chunk_pub = self.create_publisher(JointTrajectory, 'action_chunk', RELIABLE_1)
-        self.create_subscription(String, 'instruction', self._on_instruction, INSTRUCTION_QOS)
-        self.create_subscription(String, 'sim/object_poses', self._on_poses, RELIABLE_1)
+        self.chunk_pub = self.create_publisher(JointTrajectory, topics.ACTION_CHUNK,
+                                               topics.CHUNK_QOS)
+        self.create_subscription(String, topics.INSTRUCTION, self._on_instruction,
+                                 topics.INSTRUCTION_QOS)
+        self.create_subscription(String, topics.OBJECT_POSES, self._on_poses, topics.POSES_QOS)
         if self.use_image_stamp:
-            self.create_subscription(Image, 'camera/image_raw', self._on_image,
-                                     qos_profile_sensor_data)
+            self.create_subscription(Image, topics.CAMERA, self._on_image, topics.SENSOR_QOS)
         self.instruction: str | None = None
         self.goal: Goal | None = None
         self.expert: SpatialExpert | None = None

@@ -10,17 +10,17 @@ per state in all. The directory format (docs/ARCHITECTURE.md, "Observation direc
                          the bridge publishes on joint_states
     <out>/images/*.png  RGB uint8, upright
 
-`rsd train-draft` reads it to distil the draft model on realistic prompts.
+`rsd train-draft` reads it to distil the draft model on realistic prompts. The format is read
+and written by `rsd_core.observations` only (a file format, not the policy: no torch).
 """
 
 import argparse
-import json
 import logging
 from pathlib import Path
-import shutil
 
 import numpy as np
 
+from rsd_core.observations import IMAGES, INDEX, ObservationWriter
 from sim_bridge.libero_env import ACTION_DIM, GRIPPER_OPEN, LiberoTask, num_tasks
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def check_args(args: argparse.Namespace) -> list[int]:
     if bad:
         raise ValueError(f'--tasks {bad} out of range: suite {args.suite!r} has tasks '
                          f'0..{count - 1}')
-    if (args.out / 'index.jsonl').exists() and not args.overwrite:
+    if (args.out / INDEX).exists() and not args.overwrite:
         raise ValueError(f'{args.out} already holds an observation directory; pass --overwrite '
                          'to replace it or choose another --out')
     return tasks
@@ -79,17 +79,11 @@ def random_action(rng: np.random.Generator, scale: float) -> np.ndarray:
 
 def record(args: argparse.Namespace, tasks: list[int]) -> int:
     """Render and write every observation; returns the number written."""
-    from PIL import Image
     from tqdm import tqdm
 
-    if args.out.exists():
-        shutil.rmtree(args.out / 'images', ignore_errors=True)
-        (args.out / 'index.jsonl').unlink(missing_ok=True)
-    (args.out / 'images').mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     total = len(tasks) * len(args.init_states) * args.steps_per_state
-    count = 0
-    with open(args.out / 'index.jsonl', 'w') as index, \
+    with ObservationWriter(args.out, replace=True) as writer, \
             tqdm(total=total, desc='observations', unit='img') as progress:
         for task_id in tasks:
             with LiberoTask(args.suite, task_id, seed=args.seed,
@@ -102,17 +96,12 @@ def record(args: argparse.Namespace, tasks: list[int]) -> int:
                             for _ in range(args.random_steps):
                                 task.step(random_action(rng, args.random_scale))
                             obs = task.observe()
-                        name = f'images/{count:06d}.png'
-                        Image.fromarray(obs.image).save(args.out / name, optimize=True)
-                        index.write(json.dumps({
-                            'image': name, 'instruction': task.language, 'suite': args.suite,
-                            'task_id': task_id, 'init_state': init_state,
-                            'step': obs.step, 'proprio': [
-                                float(v) for v in (*obs.robot.joint_pos,
-                                                   *obs.robot.gripper_qpos)]}) + '\n')
-                        count += 1
+                        writer.add(obs.image, task.language,
+                                   (*obs.robot.joint_pos, *obs.robot.gripper_qpos),
+                                   suite=args.suite, task_id=task_id, init_state=init_state,
+                                   step=obs.step)
                         progress.update()
-    return count
+    return writer.count
 
 
 def run(args: argparse.Namespace) -> int:
@@ -127,6 +116,6 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:   # e.g. an initial-state index beyond a task's states
         logger.error('%s', exc)
         return 2
-    size = sum(p.stat().st_size for p in (args.out / 'images').glob('*.png'))
+    size = sum(p.stat().st_size for p in (args.out / IMAGES).glob('*.png'))
     logger.info('wrote %d observations (%.1f MB) to %s', count, size / 1e6, args.out)
     return 0

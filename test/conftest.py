@@ -1,5 +1,6 @@
 """Test-session environment: a private ROS domain on loopback, headless rendering, one torch
-thread per process, and the `ros_context`, `tiny_bundle` and `proprio_bundle` fixtures."""
+thread per process, and the `ros_context`, `tiny_bundle` and `proprio_bundle` fixtures (built
+by `bundles.make_test_bundle`)."""
 
 import os
 import random
@@ -31,7 +32,7 @@ def ros_context():
 @pytest.fixture(scope='session')
 def tiny_bundle(tmp_path_factory):
     """Path of a complete tiny main bundle (no draft), built once per test session."""
-    from rsd_core.bundle import make_test_bundle
+    from bundles import make_test_bundle
 
     return make_test_bundle(tmp_path_factory.mktemp('tiny_bundle') / 'bundle')
 
@@ -43,7 +44,7 @@ TEST_JOINTS = ('arm_joint1', 'arm_joint2', 'finger_joint')
 def proprio_bundle(tmp_path_factory):
     """A tiny main bundle whose model also takes the robot state: the positions of TEST_JOINTS
     (untrained proprioception input, unit statistics), built once per test session."""
-    from rsd_core.bundle import make_test_bundle
+    from bundles import make_test_bundle
 
     return make_test_bundle(tmp_path_factory.mktemp('proprio_bundle') / 'bundle', seed=1,
                             proprio_names=TEST_JOINTS)

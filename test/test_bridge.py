@@ -123,7 +123,7 @@ class PlayedPolicy:
         from std_msgs.msg import String
         from trajectory_msgs.msg import JointTrajectory
 
-        from sim_bridge.bridge_node import CHUNK_QOS, POSES_QOS, RESULT_QOS, SENSOR_QOS
+        from rsd_ros.topics import CHUNK_QOS, POSES_QOS, RESULT_QOS, SENSOR_QOS
 
         self.answer, self.delay = answer, delay
         self.images, self.poses, self.joints, self.results, self.answered = [], [], [], [], []

@@ -7,17 +7,13 @@ import shutil
 import pytest
 import torch
 
-from rsd_core import bundle, train_policy
-from rsd_core.bundle import (
-    PRESETS,
-    build_main_bundle,
-    bundle_problems,
-    bundle_weights_sha256,
-    default_bundle_dir,
-)
+from rsd_core import bundle, bundle_build
+from rsd_core.bundle import bundle_problems, bundle_weights_sha256, default_bundle_dir
+from rsd_core.bundle_build import PRESETS, build_main_bundle
 from rsd_core.checkpoint import load_tensors, save_component
-from rsd_core.cli import main as rsd
 from rsd_core.tokenizer import ActionTokenizer
+from rsd_core.training import policy
+from rsd_ros.cli import main as rsd
 
 
 @pytest.fixture(scope='module')
@@ -86,7 +82,7 @@ def backbone_on_meta(preset_name: str):
 
     from rsd_core.processor import build_text_tokenizer
 
-    config = bundle.llava_config(PRESETS[preset_name], build_text_tokenizer())
+    config = bundle_build.llava_config(PRESETS[preset_name], build_text_tokenizer())
     with torch.device('meta'):
         return config, LlavaForConditionalGeneration(config)
 
@@ -162,7 +158,7 @@ def test_build_default_never_replaces_other_data(tmp_path):
 def test_build_default_never_replaces_trained_weights(tiny_bundle, tmp_path):
     copy = Path(shutil.copytree(tiny_bundle, tmp_path / 'bundle'))
     manifest = json.loads((copy / 'manifest.json').read_text())
-    manifest['provenance']['weights'] = train_policy.WEIGHTS
+    manifest['provenance']['weights'] = policy.WEIGHTS
     (copy / 'manifest.json').write_text(json.dumps(manifest))
     before = {p: p.read_bytes() for p in copy.rglob('*') if p.is_file()}
     assert rsd(['build-default', '--out', str(copy), '--preset', 'tiny', '--no-draft']) == 1

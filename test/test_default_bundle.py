@@ -5,10 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from rsd_core import train_policy
 from rsd_core.bundle import REPO_ROOT, bundle_weights_sha256
-from rsd_core.cli import main as rsd
-from rsd_core.distill import load_image, read_observations
+from rsd_core.observations import load_image, read_observations
+from rsd_core.training.demos import PROPRIO_NAMES
+from rsd_core.training.policy import WEIGHTS
+from rsd_ros.cli import main as rsd
 
 DEFAULT = REPO_ROOT / 'models' / 'default'
 OBSERVATIONS = REPO_ROOT / 'data' / 'observations' / 'libero_spatial'
@@ -19,7 +20,7 @@ def test_default_bundle_is_trained_and_strictly_usable(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report['usable'] and not report['warnings']
     manifest = json.loads((DEFAULT / 'manifest.json').read_text())
-    assert manifest['provenance']['weights'] == train_policy.WEIGHTS
+    assert manifest['provenance']['weights'] == WEIGHTS
     assert manifest['weights_sha256'] == bundle_weights_sha256(DEFAULT)
     draft = json.loads((DEFAULT / 'draft' / 'draft.json').read_text())
     assert draft['provenance']['main_weights_sha256'] == manifest['weights_sha256']
@@ -41,7 +42,7 @@ def observations(step: int) -> list[tuple[np.ndarray, str, np.ndarray]]:
 
 
 def test_default_policy_takes_the_libero_robot_state(engine):
-    assert engine.proprio_names == train_policy.PROPRIO_NAMES
+    assert engine.proprio_names == PROPRIO_NAMES
     assert all(len(proprio) == len(engine.proprio_names) for _, _, proprio in observations(0))
 
 

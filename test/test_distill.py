@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from rsd_core.cli import main as rsd
-from rsd_core.distill import (
-    acceptance_metrics,
-    augment,
-    load_image,
-    read_observations,
-    sample_plan,
-    split_by_source,
-    write_synthetic_observations,
-)
 from rsd_core.draft import DraftModel
 from rsd_core.main_model import MainModel
+from rsd_core.observations import load_image, read_observations
+from rsd_core.training.augmentation import (
+    DISTILL_AUGMENTATION,
+    augment_images,
+    seeded_generator,
+)
+from rsd_core.training.distill import sample_plan
+from rsd_core.training.draft_training import acceptance_metrics, split_by_source
+from rsd_core.training.synthetic_observations import write_synthetic_observations
+from rsd_ros.cli import main as rsd
 
 
 def test_synthetic_observations_follow_the_format(tmp_path):
@@ -38,7 +38,7 @@ def test_reader_skips_or_refuses_bad_entries(tmp_path, caplog):
     with open(directory / 'index.jsonl', 'a') as index:
         index.write('{"image": "images/missing.png", "instruction": "turn on the stove"}\n')
         index.write('not json\n')
-    with caplog.at_level(logging.WARNING, logger='rsd_core.distill'):
+    with caplog.at_level(logging.WARNING, logger='rsd_core.observations'):
         assert len(read_observations(directory)) == 3
     assert any('index.jsonl:4' in r.getMessage() and 'missing.png' in r.getMessage()
                for r in caplog.records)
@@ -48,14 +48,23 @@ def test_reader_skips_or_refuses_bad_entries(tmp_path, caplog):
         read_observations(tmp_path)
 
 
+def augment(image: np.ndarray, seed: int) -> np.ndarray:
+    """The distillation view of image [H, W, 3] uint8 for a seed."""
+    views = augment_images(torch.from_numpy(image)[None], seeded_generator(seed),
+                           **DISTILL_AUGMENTATION)
+    return views[0].numpy()
+
+
 def test_augment_keeps_shape_and_changes_pixels(tmp_path):
     directory = write_synthetic_observations(tmp_path / 'obs', count=1)
     image = load_image(read_observations_one(directory))
-    first = augment(image, np.random.default_rng(1))
+    first = augment(image, 1)
     assert first.shape == image.shape and first.dtype == np.uint8
     assert np.abs(first.astype(int) - image).mean() > 2.0
-    np.testing.assert_array_equal(first, augment(image, np.random.default_rng(1)))
-    assert not np.array_equal(first, augment(image, np.random.default_rng(2)))
+    np.testing.assert_array_equal(first, augment(image, 1))
+    assert not np.array_equal(first, augment(image, 2))
+    wide = np.ascontiguousarray(np.concatenate([image, image[:, :64]], axis=1))  # [128, 192, 3]
+    assert augment(wide, 1).shape == wide.shape
 
 
 def read_observations_one(directory):

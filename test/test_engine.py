@@ -87,7 +87,9 @@ def main_only64(tiny_bundle):
 
 @pytest.fixture(scope='module')
 def distilled_dir(tiny_bundle, tmp_path_factory):
-    from rsd_core.distill import TrainConfig, distill_draft, write_synthetic_observations
+    from rsd_core.training.distill import distill_draft
+    from rsd_core.training.draft_training import TrainConfig
+    from rsd_core.training.synthetic_observations import write_synthetic_observations
 
     scratch = tmp_path_factory.mktemp('distill')
     observations = write_synthetic_observations(scratch / 'obs', count=6, seed=1, image_size=64)

@@ -320,15 +320,16 @@ def test_expert_node_answers_each_state_with_its_stamp(ros_context):
     from std_msgs.msg import String
     from trajectory_msgs.msg import JointTrajectory
 
-    from sim_bridge.expert_node import INSTRUCTION_QOS, RELIABLE_1, ExpertNode
+    from rsd_ros.topics import CHUNK_QOS, INSTRUCTION_QOS, POSES_QOS
+    from sim_bridge.expert_node import ExpertNode
     from sim_bridge.libero_env import load_suite
 
     node = ExpertNode(context=ros_context)
     peer = Node('fake_bridge', context=ros_context)
     chunks = []
-    peer.create_subscription(JointTrajectory, 'action_chunk', chunks.append, RELIABLE_1)
+    peer.create_subscription(JointTrajectory, 'action_chunk', chunks.append, CHUNK_QOS)
     instruction_pub = peer.create_publisher(String, 'instruction', INSTRUCTION_QOS)
-    poses_pub = peer.create_publisher(String, 'sim/object_poses', RELIABLE_1)
+    poses_pub = peer.create_publisher(String, 'sim/object_poses', POSES_QOS)
     executor = SingleThreadedExecutor(context=ros_context)
     executor.add_node(node)
     executor.add_node(peer)
@@ -380,21 +381,21 @@ def test_expert_node_can_take_the_stamp_from_the_image(ros_context):
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
     from rclpy.parameter import Parameter
-    from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import Image
     from std_msgs.msg import String
     from trajectory_msgs.msg import JointTrajectory
 
-    from sim_bridge.expert_node import RELIABLE_1, ExpertNode
+    from rsd_ros.topics import CHUNK_QOS, POSES_QOS, SENSOR_QOS
+    from sim_bridge.expert_node import ExpertNode
     from sim_bridge.libero_env import load_suite
 
     node = ExpertNode(context=ros_context, parameter_overrides=[
         Parameter('use_image_stamp', value=True), Parameter('control_period', value=0.1)])
     peer = Node('fake_camera', context=ros_context)
     chunks = []
-    peer.create_subscription(JointTrajectory, 'action_chunk', chunks.append, RELIABLE_1)
-    poses_pub = peer.create_publisher(String, 'sim/object_poses', RELIABLE_1)
-    image_pub = peer.create_publisher(Image, 'camera/image_raw', qos_profile_sensor_data)
+    peer.create_subscription(JointTrajectory, 'action_chunk', chunks.append, CHUNK_QOS)
+    poses_pub = peer.create_publisher(String, 'sim/object_poses', POSES_QOS)
+    image_pub = peer.create_publisher(Image, 'camera/image_raw', SENSOR_QOS)
     executor = SingleThreadedExecutor(context=ros_context)
     executor.add_node(node)
     executor.add_node(peer)

@@ -8,7 +8,7 @@ from sensor_msgs.msg import Image
 from rsd_ros.image_conversion import (
     ImageConversionError,
     array_to_imgmsg,
-    check_image,
+    check_image_message,
     imgmsg_to_rgb,
     tight_message,
 )
@@ -102,7 +102,7 @@ def test_mono16_big_endian_is_refused_not_misread():
 def test_malformed_messages_are_refused_with_a_reason(fields, match):
     msg = Image(encoding='rgb8', **fields)
     with pytest.raises(ImageConversionError, match=match):
-        check_image(msg)
+        check_image_message(msg)
     with pytest.raises(ImageConversionError, match=match):
         imgmsg_to_rgb(msg)
 

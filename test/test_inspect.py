@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from rsd_core.checkpoint import save_component
-from rsd_core.cli import main as rsd
 from rsd_core.draft import DraftConfig, DraftModel
+from rsd_ros.cli import main as rsd
 
 
 def inspect(capsys, *args) -> tuple[int, str]:

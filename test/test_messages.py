@@ -10,19 +10,18 @@ from sensor_msgs.msg import JointState
 
 from rsd_core.bundle import DEFAULT_ACTION_NAMES
 from rsd_core.stats import ChunkStats, StatsAggregator
+from rsd_ros.messages import PolicyCounters as Counters
 from rsd_ros.messages import (
-    Counters,
     chunk_to_trajectory,
     clip_chunk,
     diagnostic_array,
-    duration,
     inference_status,
     joint_state_vector,
-    stamp_ns,
     stats_json,
     status_level,
     status_values,
 )
+from rsd_ros.topics import duration, stamp_ns, time_msg, unpack_chunk
 
 LOW, HIGH = [-1.0] * 7, [1.0] * 7
 STAMP = Time(sec=12, nanosec=345_000_000)
@@ -67,6 +66,16 @@ def test_non_finite_or_misshaped_actions_are_refused():
 def test_duration_rounds_to_nanoseconds():
     assert (duration(0.35).sec, duration(0.35).nanosec) == (0, 350_000_000)
     assert (duration(2.5).sec, duration(2.5).nanosec) == (2, 500_000_000)
+
+
+def test_a_packed_chunk_unpacks_to_the_same_numbers():
+    actions = np.linspace(-0.5, 0.5, 56).reshape(8, 7)
+    msg, _ = chunk_to_trajectory(actions, STAMP, 'base', DEFAULT_ACTION_NAMES, 0.1, LOW, HIGH)
+    stamp, names, positions, times = unpack_chunk(msg)
+    assert stamp == stamp_ns(STAMP) == 12_345_000_000 and time_msg(stamp) == STAMP
+    assert names == tuple(DEFAULT_ACTION_NAMES)
+    np.testing.assert_array_equal(positions, actions)
+    np.testing.assert_allclose(times, [0.1 * (i + 1) for i in range(8)], rtol=0, atol=1e-9)
 
 
 def test_stats_json_carries_the_stamp_and_every_field():

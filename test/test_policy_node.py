@@ -36,15 +36,9 @@ from trajectory_msgs.msg import JointTrajectory
 
 from rsd_core.bundle import DEFAULT_ACTION_NAMES
 from rsd_ros.image_conversion import array_to_imgmsg
-from rsd_ros.messages import stamp_ns
-from rsd_ros.policy_node import (
-    CHUNK_QOS,
-    INSTRUCTION_QOS,
-    STATS_QOS,
-    PolicyNode,
-    instruction_problem,
-    parameter_problem,
-)
+from rsd_ros.policy_node import PolicyNode
+from rsd_ros.policy_parameters import instruction_problem, parameter_problem
+from rsd_ros.topics import CHUNK_QOS, INSTRUCTION_QOS, STATS_QOS, stamp_ns
 
 TIMEOUT = 60.0          # s; only reached when something is broken
 INSTRUCTION = 'pick up the black bowl and place it on the plate'
@@ -298,8 +292,8 @@ def test_a_model_with_proprioception_acts_on_image_plus_joint_states(run_policy,
         msg = JointState(name=list(names), position=[float(v) for v in positions])
         msg.header.stamp = (camera.get_clock().now() - Duration(seconds=age)).to_msg()
         joints.publish(msg)
-        assert camera.spin_until(lambda: policy.node._joints is not None
-                                 and policy.node._joints.header.stamp == msg.header.stamp)
+        assert camera.spin_until(lambda: policy.node._mailbox.joints is not None
+                                 and policy.node._mailbox.joints.header.stamp == msg.header.stamp)
 
     publish(TEST_JOINTS[:2], [0.1, 0.2])                       # a joint missing
     camera.send()
@@ -410,7 +404,7 @@ def test_parameter_and_instruction_checks():
 @pytest.fixture(scope='module')
 def default_size_bundle(tiny_bundle, tmp_path_factory) -> Path:
     """The default-size preset (~15 M parameters): a chunk takes far longer than 33 ms here."""
-    from rsd_core.bundle import build_main_bundle
+    from rsd_core.bundle_build import build_main_bundle
     from rsd_core.tokenizer import ActionTokenizer
 
     tokenizer = ActionTokenizer.load(tiny_bundle / 'action_tokenizer')

@@ -14,10 +14,11 @@ import torch
 
 from rsd_core import bench
 from rsd_core.checkpoint import CheckpointError, load_tensors, save_component
-from rsd_core.distill import read_observations, write_synthetic_observations
 from rsd_core.engine import EngineConfig, RSDEngine
 from rsd_core.main_model import MainModel, heads_proprio_names
-from rsd_core.train_policy import teacher_forced_logits
+from rsd_core.observations import read_observations
+from rsd_core.training.synthetic_observations import write_synthetic_observations
+from rsd_core.training.teacher_forcing import teacher_forced_logits
 
 INSTRUCTION = 'pick up the black bowl next to the ramekin and place it on the plate'
 STATE = np.array([0.3, -1.2, 0.04], np.float32)

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import torch
 
-from rsd_core import cli
-from rsd_core.refit_decoder import linear_bound, refit_decoder
 from rsd_core.tokenizer import ActionTokenizer, TokenizerConfig
-from rsd_core.train_tokenizer import fit_tokenizer, synthetic_chunks
+from rsd_core.training.decoder_refit import linear_bound, refit_decoder
+from rsd_core.training.tokenizer_fit import fit_tokenizer, synthetic_chunks
+from rsd_ros import cli
 
 
 def small_tokenizer() -> tuple[ActionTokenizer, np.ndarray]:

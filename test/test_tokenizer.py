@@ -10,7 +10,6 @@ from safetensors.torch import save_file
 import torch
 
 from rsd_core.checkpoint import CheckpointError, load_tensors, save_component
-from rsd_core.cli import main as rsd_main
 from rsd_core.normalization import ActionNormalizer
 from rsd_core.tokenizer import (
     ActionTokenizer,
@@ -19,12 +18,13 @@ from rsd_core.tokenizer import (
     codes_to_tokens,
     tokens_to_codes,
 )
-from rsd_core.train_tokenizer import (
+from rsd_core.training.tokenizer_fit import (
     fit_tokenizer,
     load_demo_chunks,
     reconstruction_report,
     synthetic_chunks,
 )
+from rsd_ros.cli import main as rsd_main
 
 SMALL = TokenizerConfig(hidden_size=64)
 

@@ -19,21 +19,16 @@ import torch
 
 from rsd_core.bundle import bundle_problems, bundle_weights_sha256
 from rsd_core.checkpoint import file_sha256, load_tensors
-from rsd_core.cli import main as rsd
 from rsd_core.engine import RSDEngine
 from rsd_core.main_model import MainModel
-from rsd_core.train_policy import (
-    PROPRIO_NAMES,
-    FrameReader,
-    TrainPolicyConfig,
-    augment_images,
-    checkpoint_dirs,
-    episode_chunks,
-    read_episodes,
-    split_episodes,
-    teacher_forced_logits,
-    train_policy,
-)
+from rsd_core.training.augmentation import augment_images
+from rsd_core.training.demos import PROPRIO_NAMES, episode_chunks, read_episodes, split_episodes
+from rsd_core.training.frames import FrameReader
+from rsd_core.training.policy import train_policy
+from rsd_core.training.policy_config import TrainPolicyConfig
+from rsd_core.training.teacher_forcing import teacher_forced_logits
+from rsd_core.training.train_state import checkpoint_dirs
+from rsd_ros.cli import main as rsd
 
 COLOURS = {'red': (220, 40, 40), 'green': (40, 200, 60), 'blue': (40, 60, 220)}
 ACTIONS = {'red': (0.8, 0, 0, 0, 0, 0, -1), 'green': (0, 0.8, 0, 0, 0, 0, -1),
@@ -274,7 +269,7 @@ def test_resume_continues_with_identical_state(demos, tiny_bundle, tmp_path, cap
     assert stopped['stopped'] and stopped['steps'] == 7
     assert not (tmp_path / 'resumed' / 'manifest.json').exists()
     assert [p.name for p in checkpoint_dirs(tmp_path / 'resumed')] == ['step-00000007']
-    with caplog.at_level(logging.INFO, logger='rsd_core.train_policy'):
+    with caplog.at_level(logging.INFO, logger='rsd_core.training.policy'):
         resumed = train_policy(config(demos, tmp_path / 'resumed', tiny_bundle, resume=True))
     assert 'resumed from' in caplog.text and 'at step 7' in caplog.text
     assert resumed['steps'] == straight['steps'] == 12

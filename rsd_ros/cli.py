@@ -1,8 +1,11 @@
 """The `rsd` command line: one subcommand per job, each in the module that does the job.
 
-Each command module exposes `add_arguments(parser)` and `run(args) -> int`. Modules are imported
-only when their command runs, so `rsd inspect` never pays for LIBERO or rclpy, and importing
-`rsd_core` never imports either.
+The executables layer over the three packages (as image_pipeline keeps its console scripts
+apart from the algorithm and the node): this table names modules of rsd_core and sim_bridge,
+which is why it lives outside rsd_core (the core names nothing of the simulator or of ROS).
+Each command module exposes `add_arguments(parser)` and `run(args) -> int`; flags of a command
+with a config dataclass are generated from it (rsd_core.config_flags). Modules are imported only
+when their command runs, so `rsd inspect` never pays for LIBERO or rclpy.
 """
 
 import argparse
@@ -11,14 +14,15 @@ import logging
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    'build-default': ('rsd_core.bundle', 'build the built-in default model bundle'),
+    'build-default': ('rsd_core.training.build_default',
+                      'build the built-in default model bundle'),
     'inspect': ('rsd_core.inspect_checkpoint', 'inspect a bundle, draft or tokenizer checkpoint'),
-    'bench': ('rsd_core.bench', 'main-only vs speculative decoding on the same inputs'),
-    'train-tokenizer': ('rsd_core.train_tokenizer', 'train the RFSQ action tokenizer'),
-    'refit-decoder': ('rsd_core.refit_decoder',
+    'bench': ('rsd_core.bench', 'every decoding mode on the same inputs, per-layer report'),
+    'train-tokenizer': ('rsd_core.training.tokenizer_fit', 'train the RFSQ action tokenizer'),
+    'refit-decoder': ('rsd_core.training.decoder_refit',
                       'refit the tokenizer decoder for a tight certified depth'),
-    'train-draft': ('rsd_core.distill', 'distil the draft model from a main model'),
-    'train-policy': ('rsd_core.train_policy', 'behaviour-clone the main model on demos'),
+    'train-draft': ('rsd_core.training.distill', 'distil the draft model from a main model'),
+    'train-policy': ('rsd_core.training.policy_cli', 'behaviour-clone the main model on demos'),
     'record-observations': ('sim_bridge.record_observations',
                             'render LIBERO initial observations for draft distillation'),
     'collect-demos': ('sim_bridge.collect_demos', 'record scripted-expert LIBERO demos'),

@@ -19,7 +19,6 @@ reconstruction report before and after is printed and stored in the manifest.
 import argparse
 from dataclasses import replace
 import logging
-import math
 import sys
 import time
 
@@ -27,13 +26,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from rsd_core.threads import torch_threads
 from rsd_core.tokenizer import ActionTokenizer
-from rsd_core.train_tokenizer import (
+from rsd_core.training.schedule import warmup_cosine
+from rsd_core.training.tokenizer_fit import (
     format_report,
     load_demo_chunks,
     reconstruction_loss,
     reconstruction_report,
-    torch_threads,
 )
 
 logger = logging.getLogger(__name__)
@@ -100,10 +100,7 @@ def _fit(tokenizer: ActionTokenizer, train: np.ndarray, steps: int, seed: int, l
     x = tokenizer.normalizer.normalize(torch.from_numpy(train).to(tokenizer.device))  # [N, T, A]
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(tokenizer.decoder.parameters(), lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(
-            math.pi * step / max(steps, 1))))
+    schedule = warmup_cosine(optimizer, steps, max(1, steps // 20), decay_from=0)
     losses = []
     tokenizer.train()
     bar = tqdm(range(steps), desc='refit decoder', file=sys.stderr, disable=not progress)

@@ -9,10 +9,7 @@ split) is stored in the tokenizer's manifest and printed.
 """
 
 import argparse
-from collections.abc import Iterator
-from contextlib import contextmanager
 import logging
-import math
 from pathlib import Path
 import sys
 import time
@@ -21,9 +18,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rsd_core.demos import episode_actions, episode_chunks, find_demo_files
 from rsd_core.normalization import MODES, ActionNormalizer
+from rsd_core.threads import torch_threads
 from rsd_core.tokenizer import ActionTokenizer, TokenizerConfig
+from rsd_core.training.demos import episode_actions, episode_chunks, find_demo_files
+from rsd_core.training.schedule import warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -172,18 +171,6 @@ def fit_tokenizer(chunks: np.ndarray, config: TokenizerConfig | None = None,
     return tokenizer, report
 
 
-@contextmanager
-def torch_threads(num_threads: int | None) -> Iterator[None]:
-    """Use `num_threads` torch CPU threads inside the block (None: leave the setting alone)."""
-    previous = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _train(tokenizer: ActionTokenizer, train: np.ndarray, steps: int, seed: int, progress: bool,
            batch_size: int, lr: float) -> list[float]:
     """AdamW, warm-up + cosine learning rate; returns the loss of every step."""
@@ -191,10 +178,8 @@ def _train(tokenizer: ActionTokenizer, train: np.ndarray, steps: int, seed: int,
     generator = torch.Generator().manual_seed(seed)
     num_layers = tokenizer.config.num_layers
     optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine decay
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(
-            math.pi * step / max(steps, 1))))
+    # Linear warm-up over 5 % of the steps times a cosine decay over all of them.
+    schedule = warmup_cosine(optimizer, steps, max(1, steps // 20), decay_from=0)
     losses = []
     tokenizer.train()
     bar = tqdm(range(steps), desc='train tokenizer', file=sys.stderr, disable=not progress)

@@ -1,0 +1,166 @@
+"""The parameters of the `rsd_policy` node: declarations, checks, and one immutable snapshot.
+
+Each parameter is declared with a descriptor (type, description, read-only flag, ranges) in
+`PARAMETERS`; `parameter_problem` says why a value cannot be used (the node's on-set callback
+refuses it with that reason), `read_settings` turns the values in force into a `Settings`
+snapshot the inference worker reads once per frame, and `engine_config` the part of it the
+engine takes. Pure functions and data: unit-tested without a node.
+"""
+
+from dataclasses import dataclass
+import math
+import re
+
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
+
+from rsd_core.acceptance import MODES
+from rsd_core.main_model import DTYPES
+from rsd_ros.topics import LIBERO_ACTION_NAMES
+
+ACTION_DIM = len(LIBERO_ACTION_NAMES)
+DEVICE_PATTERN = re.compile(r'cpu|cuda(:\d+)?')
+RUNTIME_ENGINE_PARAMETERS = ('use_draft', 'adaptive_proposals', 'acceptance', 'tolerance')
+
+@dataclass(frozen=True)
+class Settings:
+    """The run-time parameters, one immutable snapshot (the worker reads one per frame)."""
+
+    use_draft: bool
+    adaptive_proposals: bool
+    acceptance: str
+    tolerance: tuple[float, ...]          # action units, one per dim or one for all
+    control_period: float                 # s
+    action_names: tuple[str, ...]
+    frame_id: str
+    max_image_age: float                  # s, 0 = no limit
+    action_low: tuple[float, ...]
+    action_high: tuple[float, ...]
+    diagnostics_period: float             # s
+    hardware_id: str
+    stats_window: int                     # chunks
+
+
+def _descriptor(kind: int, description: str, read_only: bool = False,
+                constraints: str = '', floats: tuple[float, float] | None = None,
+                ints: tuple[int, int] | None = None) -> ParameterDescriptor:
+    descriptor = ParameterDescriptor(type=kind, description=description, read_only=read_only,
+                                     additional_constraints=constraints)
+    if floats:
+        descriptor.floating_point_range = [FloatingPointRange(from_value=floats[0],
+                                                              to_value=floats[1])]
+    if ints:
+        descriptor.integer_range = [IntegerRange(from_value=ints[0], to_value=ints[1], step=1)]
+    return descriptor
+
+
+P = ParameterType
+PARAMETERS = {
+    'model_dir': ('', _descriptor(
+        P.PARAMETER_STRING, 'main model bundle directory', read_only=True,
+        constraints="'' = the built-in default bundle ($RSD_MODEL_DIR, the installed share "
+                    'directory, or <repo>/models/default)')),
+    'draft_dir': ('default', _descriptor(
+        P.PARAMETER_STRING, 'draft model directory', read_only=True,
+        constraints="'default' = the bundle's draft/ if present, '' = no draft")),
+    'device': ('cpu', _descriptor(P.PARAMETER_STRING, 'torch device', read_only=True,
+                                  constraints="'cpu', 'cuda' or 'cuda:N'")),
+    'dtype': ('float32', _descriptor(P.PARAMETER_STRING, 'model dtype', read_only=True,
+                                     constraints='one of ' + ', '.join(DTYPES))),
+    'use_draft': (True, _descriptor(
+        P.PARAMETER_BOOL, 'let the draft propose layers (K chosen per chunk from measured '
+        'acceptance and costs; false = never)', constraints='true needs a loaded draft')),
+    'adaptive_proposals': (True, _descriptor(
+        P.PARAMETER_BOOL, 'choose the number of draft proposals per chunk (0..K) from measured '
+        'acceptance and costs; false = always K')),
+    'acceptance': ('exact', _descriptor(
+        P.PARAMETER_STRING, 'decoding mode: exact (= main-only actions), tolerance (draft '
+        "layers within tolerance of the main's), bounded (certified depth: within tolerance "
+        'of main-only in every action value)', constraints='one of ' + ', '.join(MODES))),
+    'tolerance': ([0.02], _descriptor(
+        P.PARAMETER_DOUBLE_ARRAY, 'bound on the change of any action value in tolerance and '
+        'bounded modes, action units', constraints=f'1 value (all dims) or {ACTION_DIM}, '
+        'finite, >= 0')),
+    'control_period': (0.05, _descriptor(P.PARAMETER_DOUBLE, 'duration of one chunk step, s',
+                                         floats=(0.001, 10.0))),
+    'action_names': (list(LIBERO_ACTION_NAMES), _descriptor(
+        P.PARAMETER_STRING_ARRAY, 'action dimension names (JointTrajectory.joint_names)',
+        constraints=f'{ACTION_DIM} non-empty distinct names')),
+    'frame_id': ('base_link', _descriptor(P.PARAMETER_STRING, 'header.frame_id of action_chunk')),
+    'max_image_age': (0.5, _descriptor(
+        P.PARAMETER_DOUBLE, 'images older than this (now - header.stamp, s) are not acted on',
+        constraints='0 = no limit', floats=(0.0, 3600.0))),
+    'action_low': ([-1.0] * ACTION_DIM, _descriptor(
+        P.PARAMETER_DOUBLE_ARRAY, 'lower action limits, action units (clipped to)',
+        constraints=f'{ACTION_DIM} finite values, <= action_high')),
+    'action_high': ([1.0] * ACTION_DIM, _descriptor(
+        P.PARAMETER_DOUBLE_ARRAY, 'upper action limits, action units (clipped to)',
+        constraints=f'{ACTION_DIM} finite values, >= action_low')),
+    'diagnostics_period': (1.0, _descriptor(P.PARAMETER_DOUBLE, '/diagnostics period, s',
+                                            floats=(0.05, 60.0))),
+    'hardware_id': ('', _descriptor(P.PARAMETER_STRING, 'DiagnosticStatus.hardware_id',
+                                    constraints="'' = the device")),
+    'stats_window': (100, _descriptor(P.PARAMETER_INTEGER,
+                                      'chunks in the diagnostics latency/acceptance window',
+                                      ints=(1, 100_000))),
+}
+
+
+def parameter_problem(name: str, value, current: dict) -> str | None:
+    """Why `value` is not acceptable for parameter `name` (None if it is).
+
+    current: the values in force (or being set together) of the other parameters.
+    """
+    if name == 'device' and not DEVICE_PATTERN.fullmatch(value):
+        return f"device {value!r}: expected 'cpu', 'cuda' or 'cuda:N'"
+    if name == 'dtype' and value not in DTYPES:
+        return f'dtype {value!r}: expected one of {", ".join(DTYPES)}'
+    if name == 'acceptance' and value not in MODES:
+        return f'acceptance {value!r}: expected one of {", ".join(MODES)}'
+    if name == 'tolerance':
+        if len(value) not in (1, ACTION_DIM):
+            return f'tolerance has {len(value)} values; expected 1 (all dims) or {ACTION_DIM}'
+        if not all(map(math.isfinite, value)) or min(value) < 0:
+            return f'tolerance {list(value)}: expected finite values >= 0 (action units)'
+    if name == 'action_names':
+        if len(value) != ACTION_DIM:
+            return f'action_names has {len(value)} names; expected {ACTION_DIM}'
+        if not all(n.strip() for n in value) or len(set(value)) != len(value):
+            return f'action_names {list(value)}: expected non-empty, distinct names'
+    if name in ('action_low', 'action_high'):
+        if len(value) != ACTION_DIM or not all(map(math.isfinite, value)):
+            return f'{name} {list(value)}: expected {ACTION_DIM} finite values'
+        low, high = (value, current.get('action_high', value)) if name == 'action_low' else (
+            current.get('action_low', value), value)
+        if len(low) == len(high) and any(lo > hi for lo, hi in zip(low, high, strict=True)):
+            return f'action_low {list(low)} exceeds action_high {list(high)} in some dimension'
+    return None
+
+
+def instruction_problem(text: str) -> str | None:
+    """Why an instruction cannot be used (None if it can)."""
+    if not text.strip():
+        return f'empty instruction {text!r}; expected a task description'
+    if '\ufffd' in text:
+        return f'instruction is not valid UTF-8 (decoded with replacement characters): {text!r}'
+    return None
+
+
+def read_settings(values: dict) -> Settings:
+    """The parameter values in force (name -> value) -> one Settings snapshot."""
+    v = values
+    return Settings(
+        use_draft=v['use_draft'], adaptive_proposals=v['adaptive_proposals'],
+        acceptance=v['acceptance'], tolerance=tuple(v['tolerance']),
+        control_period=v['control_period'], action_names=tuple(v['action_names']),
+        frame_id=v['frame_id'], max_image_age=v['max_image_age'],
+        action_low=tuple(v['action_low']), action_high=tuple(v['action_high']),
+        diagnostics_period=v['diagnostics_period'],
+        hardware_id=v['hardware_id'] or v['device'], stats_window=v['stats_window'])
+
+
+def engine_config(settings: Settings) -> dict:
+    """The EngineConfig fields a Settings snapshot sets."""
+    tolerance = settings.tolerance
+    return {'use_draft': settings.use_draft, 'adaptive': settings.adaptive_proposals,
+            'acceptance': settings.acceptance,
+            'tolerance': tolerance[0] if len(tolerance) == 1 else tolerance}
