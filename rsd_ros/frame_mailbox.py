@@ -4,8 +4,10 @@ The image callback puts the newest frame (a frame not yet taken is replaced: the
 it as dropped), the instruction and joint-state callbacks put theirs, and the worker blocks in
 `take` until there is a frame and an instruction, or the node stops. Everything sits behind one
 `threading.Condition`, so the worker wakes the moment work arrives and nothing polls.
-`open_for_output` lets the worker publish only while the node is not stopping, so a chunk that
-finishes during shutdown is discarded instead of racing the destruction of the publishers.
+The mailbox is closed while the node is not active (lifecycle): a closed mailbox holds no
+frame and refuses new ones. `open_for_output` lets the worker publish only while the mailbox is
+open and not stopping, so a chunk that finishes after a deactivation or during shutdown is
+discarded instead of commanding the arm or racing the destruction of the publishers.
 """
 
 from collections.abc import Iterator
@@ -34,10 +36,30 @@ class FrameMailbox:
         self._joints: Any = None
         self._instruction: str | None = None
         self._stopping = False
+        self._open = False
 
-    def put_frame(self, frame: Any, received_ns: int) -> bool:
-        """Store the newest frame; True if it replaced one the worker had not taken."""
+    def open(self) -> None:
+        """Accept frames (the node is active)."""
         with self._cond:
+            self._open = True
+
+    def close(self) -> None:
+        """Refuse frames and drop the one not yet taken (the node is no longer active)."""
+        with self._cond:
+            self._open, self._frame = False, None
+
+    @property
+    def is_open(self) -> bool:
+        """Whether frames are accepted."""
+        with self._cond:
+            return self._open
+
+    def put_frame(self, frame: Any, received_ns: int) -> bool | None:
+        """Store the newest frame; True if it replaced one the worker had not taken, None if
+        the mailbox is closed (the frame is not kept)."""
+        with self._cond:
+            if not self._open:
+                return None
             replaced = self._frame is not None
             self._frame = (frame, received_ns)
             self._cond.notify()
@@ -86,6 +108,6 @@ class FrameMailbox:
 
     @contextmanager
     def open_for_output(self) -> Iterator[bool]:
-        """Hold the mailbox lock; yields False once `stop` was called (do not publish)."""
+        """Hold the mailbox lock; yields False once closed or stopped (do not publish)."""
         with self._cond:
-            yield not self._stopping
+            yield self._open and not self._stopping

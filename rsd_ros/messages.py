@@ -108,6 +108,7 @@ class PolicyCounters:
     bad_images: int = 0        # images refused (encoding, size, step, data length)
     bad_instructions: int = 0  # instructions refused (empty, whitespace, not UTF-8)
     no_state: int = 0          # images not acted on: no usable joint_states (proprio models)
+    inactive: int = 0          # images received while the node was not active (lifecycle)
     errors: int = 0            # engine exceptions
 
     def since(self, earlier: 'PolicyCounters') -> 'PolicyCounters':
@@ -117,14 +118,17 @@ class PolicyCounters:
 
 
 def status_level(new: PolicyCounters, *, waiting_for_instruction: bool, error: str | None,
-                 ) -> tuple[bytes, str]:
+                 active: bool = True) -> tuple[bytes, str]:
     """(level, message) from the counts of the last period and the node's state.
 
-    ERROR while the last inference failed (until a chunk succeeds); WARN when no instruction
+    WARN while the (lifecycle) node is inactive; ERROR while the last inference failed (until a
+    chunk succeeds); WARN when no instruction
     is in force, no image arrived, or images arrived but none gave a chunk, or some were stale,
     bad or without the joint states the model needs; OK otherwise. Dropped frames are normal
     (camera faster than inference).
     """
+    if not active:
+        return DiagnosticStatus.WARN, 'inactive: not acting on frames (lifecycle)'
     if error:
         return DiagnosticStatus.ERROR, f'inference failed: {error}'
     if waiting_for_instruction:

@@ -1,5 +1,13 @@
 """The `rsd_policy` node: camera image + instruction -> action chunk (JointTrajectory).
 
+Lifecycle. A managed node (rclpy.lifecycle): configure loads and validates the model and
+creates the topics; activate starts acting on frames; deactivate stops at once (the frame not
+yet taken is dropped, a chunk still being computed is discarded, nothing is published while
+inactive) but keeps the model; cleanup frees the model. With `autostart` (the default) the node
+configures and activates itself on start, so one command still starts a working policy, and a
+failure to load raises as before; with `autostart:=false` a lifecycle manager (or
+`ros2 lifecycle set`) drives it through the standard change_state / get_state services.
+
 Topics (relative names) and QoS are the topic contract's (rsd_ros.topics), parameters those of
 rsd_ros.policy_parameters (both documented in docs/ARCHITECTURE.md).
 
@@ -44,8 +52,9 @@ from diagnostic_msgs.msg import DiagnosticArray
 import numpy as np
 from rcl_interfaces.msg import SetParametersResult
 import rclpy
+from rclpy.exceptions import ParameterUninitializedException
 from rclpy.executors import ExternalShutdownException
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.time import Time
 from sensor_msgs.msg import Image, JointState
@@ -81,12 +90,16 @@ from rsd_ros.policy_parameters import (
     instruction_problem,
     parameter_problem,
     read_settings,
+    state_names,
 )
 
+SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 
-class PolicyNode(Node):
+
+class PolicyNode(LifecycleNode):
     """Subscribes camera/image_raw + instruction, publishes action_chunk, policy_stats and
-    /diagnostics. `node_kwargs` go to rclpy's Node (context, parameter_overrides, ...)."""
+    /diagnostics; a managed node (see the module docstring). `node_kwargs` go to rclpy's Node
+    (context, parameter_overrides, ...)."""
 
     def __init__(self, **node_kwargs) -> None:
         super().__init__('rsd_policy', **node_kwargs)
@@ -94,9 +107,10 @@ class PolicyNode(Node):
         self.declare_parameters('', [(name, default, descriptor)
                                      for name, (default, descriptor) in PARAMETERS.items()])
         self._settings = read_settings(self._values())
-        self._engine = self._load_engine()
         self.add_post_set_parameters_callback(self._apply_parameters)
-
+        self._engine: RSDEngine | None = None
+        self._state_names: tuple[str, ...] = ()
+        self._configure_error: Exception | None = None
         self._mailbox = FrameMailbox()
         self._lock = threading.Lock()           # guards the bookkeeping below
         self._counters = PolicyCounters()
@@ -106,7 +120,66 @@ class PolicyNode(Node):
         self._latencies: list[float] = []
         self._logged: set[str] = set()
         self._said_waiting = False
+        self._worker: threading.Thread | None = None
+        self._entities: list = []               # topics and the timer, made in configure
+        if self.get_parameter('autostart').value:
+            self._start()
 
+    def _start(self) -> None:
+        """Configure and activate now (autostart); a failure raises as a plain node would."""
+        if self.trigger_configure() != SUCCESS:
+            raise self._configure_error or RuntimeError('rsd_policy could not configure')
+        if self.trigger_activate() != SUCCESS:
+            raise RuntimeError('rsd_policy could not activate')
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Load and validate the model, create the topics and the inference worker."""
+        try:
+            self._engine = self._load_engine()
+            self._state_names = state_names(self._settings, self._engine.proprio_names)
+        except Exception as error:
+            self._configure_error, self._engine = error, None
+            self.get_logger().fatal(f'configure failed: {type(error).__name__}: {error}')
+            return FAILURE
+        self._mailbox = FrameMailbox()
+        self._create_topics()
+        self._worker = threading.Thread(target=self._run_worker, name='rsd_policy_inference',
+                                        daemon=True)
+        self._worker.start()
+        mapped = f' (state from {list(self._state_names)})' if self._state_names else ''
+        self.get_logger().info(
+            f'configured: {self._image_sub.topic_name} + {self._instruction_sub.topic_name}'
+            f'{" + " + self._joints_sub.topic_name if self._joints_sub else ""} -> '
+            f'{self._chunk_pub.topic_name} (draft: {"yes" if self._engine.draft else "no"}, '
+            f'use_draft={self._engine.config.use_draft}, '
+            f'acceptance={self._settings.acceptance}){mapped}')
+        return SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Start acting on frames."""
+        self._mailbox.open()
+        self.get_logger().info('active: acting on camera frames')
+        return SUCCESS
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Stop commanding the arm at once; the model stays loaded."""
+        self._mailbox.close()
+        self.get_logger().info('inactive: not acting on frames (model kept)')
+        return SUCCESS
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Stop the worker, remove the topics, free the model."""
+        self._teardown()
+        self.get_logger().info('cleaned up: model unloaded')
+        return SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._teardown()
+        return SUCCESS
+
+    def _create_topics(self) -> None:
         self._chunk_pub = self.create_publisher(JointTrajectory, topics.ACTION_CHUNK,
                                                 topics.CHUNK_QOS)
         self._stats_pub = self.create_publisher(String, topics.POLICY_STATS, topics.STATS_QOS)
@@ -122,21 +195,35 @@ class PolicyNode(Node):
                 JointState, topics.JOINT_STATES, self._mailbox.put_joints, topics.SENSOR_QOS)
         self._diag_timer = self.create_timer(self._settings.diagnostics_period,
                                              self._publish_diagnostics)
-        self._worker = threading.Thread(target=self._run_worker, name='rsd_policy_inference',
-                                        daemon=True)
-        self._worker.start()
-        state = f' + {self._joints_sub.topic_name}' if self._joints_sub else ''
-        self.get_logger().info(
-            f'ready: {self._image_sub.topic_name} + {self._instruction_sub.topic_name}{state} -> '
-            f'{self._chunk_pub.topic_name} (draft: {"yes" if self._engine.draft else "no"}, '
-            f'use_draft={self._engine.config.use_draft}, '
-            f'acceptance={self._settings.acceptance})')
+        self._entities = [e for e in (self._chunk_pub, self._stats_pub, self._diag_pub,
+                                      self._image_sub, self._instruction_sub, self._joints_sub,
+                                      self._diag_timer) if e is not None]
+
+    def _teardown(self) -> None:
+        """Stop and join the worker, destroy the topics and the timer, drop the model."""
+        self._mailbox.stop()
+        worker, self._worker = self._worker, None
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout=10.0)
+            if worker.is_alive():
+                self.get_logger().warning('inference still running at shutdown; not waiting')
+        for entity in self._entities:
+            destroy = {'Publisher': self.destroy_publisher, 'Subscription':
+                       self.destroy_subscription, 'Timer': self.destroy_timer}
+            destroy[type(entity).__name__](entity)
+        self._entities, self._engine = [], None
 
     # ------------------------------------------------------------------ parameters
 
     def _values(self) -> dict:
-        return {name: self.get_parameter(name).value for name in PARAMETERS
-                if self.has_parameter(name)}
+        values = {}
+        for name in PARAMETERS:
+            if self.has_parameter(name):
+                try:
+                    values[name] = self.get_parameter(name).value
+                except ParameterUninitializedException:
+                    values[name] = None            # a typed parameter nobody set
+        return values
 
     def _validate_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
         """on-set: refuse any value that cannot work, with the reason."""
@@ -155,12 +242,12 @@ class PolicyNode(Node):
         previous, self._settings = self._settings, read_settings(self._values())
         settings = self._settings
         names = {p.name for p in parameters}
-        if names & set(RUNTIME_ENGINE_PARAMETERS):
+        if names & set(RUNTIME_ENGINE_PARAMETERS) and self._engine is not None:
             self._engine.update_config(**engine_config(settings))
             self._reset_window(settings.stats_window)
         elif settings.stats_window != previous.stats_window:
             self._reset_window(settings.stats_window)
-        if settings.diagnostics_period != previous.diagnostics_period:
+        if settings.diagnostics_period != previous.diagnostics_period and self._entities:
             self._diag_timer.timer_period_ns = int(settings.diagnostics_period * 1e9)
         self.get_logger().info('parameters set: ' + ', '.join(
             f'{p.name}={p.value}' for p in parameters))
@@ -204,7 +291,7 @@ class PolicyNode(Node):
             self._log_once('warning', str(error), f'image refused: {error}')
             return
         replaced = self._mailbox.put_frame(msg, received)
-        self._count(frames=1, dropped=int(replaced))
+        self._count(frames=1, dropped=int(bool(replaced)), inactive=int(replaced is None))
         if self._mailbox.instruction is None and not self._said_waiting:
             self._said_waiting = True
             self.get_logger().info(f'images arriving; waiting for an instruction on '
@@ -228,7 +315,8 @@ class PolicyNode(Node):
             self._reported = counters
             error, aggregator, latencies = self._error, self._aggregator, list(self._latencies)
         waiting = self._mailbox.instruction is None
-        level, message = status_level(new, waiting_for_instruction=waiting, error=error)
+        level, message = status_level(new, waiting_for_instruction=waiting, error=error,
+                                      active=self._mailbox.is_open)
         config = self._engine.config
         values = status_values(aggregator.summary(), latencies, counters, config.use_draft,
                                mode_name(config.use_draft, config.acceptance))
@@ -349,7 +437,7 @@ class PolicyNode(Node):
             if joints is None:
                 raise ValueError(f'no joint_states received on {self._joints_sub.topic_name} '
                                  'yet; the model needs the robot state')
-            state = joint_state_vector(joints, self._engine.proprio_names)
+            state = joint_state_vector(joints, self._state_names)
         except ValueError as error:
             self._count(no_state=1)
             self._log_once('warning', str(error), f'image not acted on: {error}')
@@ -380,14 +468,8 @@ class PolicyNode(Node):
 
     def destroy_node(self) -> None:
         """Stop the worker (a chunk in progress is finished and discarded), then the node."""
-        mailbox = getattr(self, '_mailbox', None)      # absent if __init__ failed early
-        if mailbox is not None:
-            mailbox.stop()
-        worker = getattr(self, '_worker', None)
-        if worker is not None and worker is not threading.current_thread():
-            worker.join(timeout=10.0)
-            if worker.is_alive():
-                self.get_logger().warning('inference still running at shutdown; not waiting')
+        if getattr(self, '_entities', None) is not None:    # absent if __init__ failed early
+            self._teardown()
         super().destroy_node()
 
 

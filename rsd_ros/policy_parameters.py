@@ -12,6 +12,7 @@ import math
 import re
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
+from rclpy.parameter import Parameter
 
 from rsd_core.acceptance import MODES
 from rsd_core.main_model import DTYPES
@@ -38,6 +39,7 @@ class Settings:
     diagnostics_period: float             # s
     hardware_id: str
     stats_window: int                     # chunks
+    state_joint_names: tuple[str, ...]    # the robot's names of the model's state, () = own
 
 
 def _descriptor(kind: int, description: str, read_only: bool = False,
@@ -62,6 +64,13 @@ PARAMETERS = {
     'draft_dir': ('default', _descriptor(
         P.PARAMETER_STRING, 'draft model directory', read_only=True,
         constraints="'default' = the bundle's draft/ if present, '' = no draft")),
+    'autostart': (True, _descriptor(
+        P.PARAMETER_BOOL, 'configure and activate on start (false: wait for the lifecycle '
+        'transitions, as a managed node)', read_only=True)),
+    'state_joint_names': (Parameter.Type.STRING_ARRAY, _descriptor(
+        P.PARAMETER_STRING_ARRAY, "the robot's joint_states names of the model's state values, "
+        "in the model's order (unset = the model's own names)", read_only=True,
+        constraints="as many names as the model's state (heads.json proprio_names)")),
     'device': ('cpu', _descriptor(P.PARAMETER_STRING, 'torch device', read_only=True,
                                   constraints="'cpu', 'cuda' or 'cuda:N'")),
     'dtype': ('float32', _descriptor(P.PARAMETER_STRING, 'model dtype', read_only=True,
@@ -121,6 +130,9 @@ def parameter_problem(name: str, value, current: dict) -> str | None:
             return f'tolerance has {len(value)} values; expected 1 (all dims) or {ACTION_DIM}'
         if not all(map(math.isfinite, value)) or min(value) < 0:
             return f'tolerance {list(value)}: expected finite values >= 0 (action units)'
+    if name == 'state_joint_names' and value is not None and (
+            not all(n.strip() for n in value) or len(set(value)) != len(value)):
+        return f'state_joint_names {list(value)}: expected non-empty, distinct names'
     if name == 'action_names':
         if len(value) != ACTION_DIM:
             return f'action_names has {len(value)} names; expected {ACTION_DIM}'
@@ -155,7 +167,22 @@ def read_settings(values: dict) -> Settings:
         frame_id=v['frame_id'], max_image_age=v['max_image_age'],
         action_low=tuple(v['action_low']), action_high=tuple(v['action_high']),
         diagnostics_period=v['diagnostics_period'],
-        hardware_id=v['hardware_id'] or v['device'], stats_window=v['stats_window'])
+        hardware_id=v['hardware_id'] or v['device'], stats_window=v['stats_window'],
+        state_joint_names=tuple(v['state_joint_names'] or ()))
+
+
+def state_names(settings: Settings, model_names: tuple[str, ...]) -> tuple[str, ...]:
+    """The joint_states names to read the model's state values from: `state_joint_names`
+    mapped one to one onto the model's names, or the model's own. ValueError listing what the
+    model needs when the mapping has the wrong length."""
+    mapped = settings.state_joint_names
+    if not mapped:
+        return model_names
+    if len(mapped) != len(model_names):
+        raise ValueError(f'state_joint_names has {len(mapped)} names {list(mapped)}; the model '
+                         f'takes {len(model_names)} state values, in this order: '
+                         f'{list(model_names)}')
+    return mapped
 
 
 def engine_config(settings: Settings) -> dict:
