@@ -85,12 +85,15 @@ from rsd_ros.policy_parameters import (
     ACTION_DIM,
     PARAMETERS,
     RUNTIME_ENGINE_PARAMETERS,
+    Ceilings,
     Settings,
+    ceilings,
     engine_config,
     instruction_problem,
     parameter_problem,
     read_settings,
     state_names,
+    widening,
 )
 
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
@@ -104,9 +107,11 @@ class PolicyNode(LifecycleNode):
     def __init__(self, **node_kwargs) -> None:
         super().__init__('rsd_policy', **node_kwargs)
         self.add_on_set_parameters_callback(self._validate_parameters)
+        self._ceilings: Ceilings | None = None
         self.declare_parameters('', [(name, default, descriptor)
                                      for name, (default, descriptor) in PARAMETERS.items()])
         self._settings = read_settings(self._values())
+        self._ceilings = ceilings(self._values())
         self.add_post_set_parameters_callback(self._apply_parameters)
         self._engine: RSDEngine | None = None
         self._state_names: tuple[str, ...] = ()
@@ -230,6 +235,8 @@ class PolicyNode(LifecycleNode):
         current = {**self._values(), **{p.name: p.value for p in parameters}}
         for parameter in parameters:
             problem = parameter_problem(parameter.name, parameter.value, current)
+            if problem is None and self._ceilings is not None:      # a run-time change
+                problem = widening(parameter.name, parameter.value, self._ceilings)
             if problem is None and parameter.name == 'use_draft' and parameter.value and \
                     getattr(self, '_engine', None) is not None and self._engine.draft is None:
                 problem = "use_draft=true but no draft is loaded (draft_dir '' or none found)"

@@ -5,6 +5,14 @@ Each parameter is declared with a descriptor (type, description, read-only flag,
 refuses it with that reason), `read_settings` turns the values in force into a `Settings`
 snapshot the inference worker reads once per frame, and `engine_config` the part of it the
 engine takes. Pure functions and data: unit-tested without a node.
+
+The run-time rule (any peer on the DDS domain can call the parameter services): whatever
+changes what the arm is commanded (action limits and names, control period, staleness bound,
+frame id) is read-only; the decoding mode and its tolerance can only be tightened at run time,
+never past the ceilings set at start (`acceptance_ceiling`, `tolerance_ceiling`, read-only,
+defaulting to the start values); strings that go out in messages are bounded; the diagnostics
+rate has a floor. To change a read-only value, restart the node (or cleanup and configure it
+again through its lifecycle with new parameters).
 """
 
 from dataclasses import dataclass
@@ -56,6 +64,12 @@ def _descriptor(kind: int, description: str, read_only: bool = False,
 
 
 P = ParameterType
+MAX_STRING = 128                 # characters of a string that goes out in every message
+# Decoding modes from the strictest: exact (main-only actions), bounded (certified within the
+# tolerance of main-only), tolerance (each draft layer within the tolerance of the main's).
+STRICTNESS = {'exact': 0, 'bounded': 1, 'tolerance': 2}
+RUNTIME = ('use_draft', 'adaptive_proposals', 'acceptance', 'tolerance', 'diagnostics_period',
+           'stats_window')       # every other parameter is read-only
 PARAMETERS = {
     'model_dir': ('', _descriptor(
         P.PARAMETER_STRING, 'main model bundle directory', read_only=True,
@@ -84,30 +98,41 @@ PARAMETERS = {
     'acceptance': ('exact', _descriptor(
         P.PARAMETER_STRING, 'decoding mode: exact (= main-only actions), tolerance (draft '
         "layers within tolerance of the main's), bounded (certified depth: within tolerance "
-        'of main-only in every action value)', constraints='one of ' + ', '.join(MODES))),
+        'of main-only in every action value)',
+        constraints='one of ' + ', '.join(MODES) + '; at run time no looser than '
+                    'acceptance_ceiling')),
+    'acceptance_ceiling': ('', _descriptor(
+        P.PARAMETER_STRING, 'loosest decoding mode a run-time change may set (exact < bounded '
+        "< tolerance); '' = the start acceptance", read_only=True)),
     'tolerance': ([0.02], _descriptor(
         P.PARAMETER_DOUBLE_ARRAY, 'bound on the change of any action value in tolerance and '
         'bounded modes, action units', constraints=f'1 value (all dims) or {ACTION_DIM}, '
-        'finite, >= 0')),
+        'finite, >= 0; at run time no larger than tolerance_ceiling')),
+    'tolerance_ceiling': (Parameter.Type.DOUBLE_ARRAY, _descriptor(
+        P.PARAMETER_DOUBLE_ARRAY, 'largest tolerance a run-time change may set, action units '
+        '(1 value or one per dim); unset = the start tolerance', read_only=True)),
     'control_period': (0.05, _descriptor(P.PARAMETER_DOUBLE, 'duration of one chunk step, s',
-                                         floats=(0.001, 10.0))),
+                                         read_only=True, floats=(0.001, 10.0))),
     'action_names': (list(LIBERO_ACTION_NAMES), _descriptor(
         P.PARAMETER_STRING_ARRAY, 'action dimension names (JointTrajectory.joint_names)',
-        constraints=f'{ACTION_DIM} non-empty distinct names')),
-    'frame_id': ('base_link', _descriptor(P.PARAMETER_STRING, 'header.frame_id of action_chunk')),
+        read_only=True, constraints=f'{ACTION_DIM} non-empty distinct names')),
+    'frame_id': ('base_link', _descriptor(P.PARAMETER_STRING, 'header.frame_id of action_chunk',
+                                          read_only=True,
+                                          constraints=f'at most {MAX_STRING} characters')),
     'max_image_age': (0.5, _descriptor(
         P.PARAMETER_DOUBLE, 'images older than this (now - header.stamp, s) are not acted on',
-        constraints='0 = no limit', floats=(0.0, 3600.0))),
+        read_only=True, constraints='0 = no limit', floats=(0.0, 3600.0))),
     'action_low': ([-1.0] * ACTION_DIM, _descriptor(
         P.PARAMETER_DOUBLE_ARRAY, 'lower action limits, action units (clipped to)',
-        constraints=f'{ACTION_DIM} finite values, <= action_high')),
+        read_only=True, constraints=f'{ACTION_DIM} finite values, <= action_high')),
     'action_high': ([1.0] * ACTION_DIM, _descriptor(
         P.PARAMETER_DOUBLE_ARRAY, 'upper action limits, action units (clipped to)',
-        constraints=f'{ACTION_DIM} finite values, >= action_low')),
+        read_only=True, constraints=f'{ACTION_DIM} finite values, >= action_low')),
     'diagnostics_period': (1.0, _descriptor(P.PARAMETER_DOUBLE, '/diagnostics period, s',
-                                            floats=(0.05, 60.0))),
+                                            floats=(0.1, 60.0))),
     'hardware_id': ('', _descriptor(P.PARAMETER_STRING, 'DiagnosticStatus.hardware_id',
-                                    constraints="'' = the device")),
+                                    read_only=True, constraints=f"'' = the device; at most "
+                                                                f'{MAX_STRING} characters')),
     'stats_window': (100, _descriptor(P.PARAMETER_INTEGER,
                                       'chunks in the diagnostics latency/acceptance window',
                                       ints=(1, 100_000))),
@@ -130,6 +155,14 @@ def parameter_problem(name: str, value, current: dict) -> str | None:
             return f'tolerance has {len(value)} values; expected 1 (all dims) or {ACTION_DIM}'
         if not all(map(math.isfinite, value)) or min(value) < 0:
             return f'tolerance {list(value)}: expected finite values >= 0 (action units)'
+    if name in ('frame_id', 'hardware_id', 'acceptance_ceiling') and len(value) > MAX_STRING:
+        return f'{name} has {len(value)} characters; at most {MAX_STRING}'
+    if name == 'acceptance_ceiling' and value and value not in MODES:
+        return f'acceptance_ceiling {value!r}: expected one of {", ".join(MODES)} or empty'
+    if name == 'tolerance_ceiling' and value is not None and (
+            len(value) not in (1, ACTION_DIM) or not all(map(math.isfinite, value))
+            or min(value) < 0):
+        return f'tolerance_ceiling {list(value)}: expected 1 or {ACTION_DIM} finite values >= 0'
     if name == 'state_joint_names' and value is not None and (
             not all(n.strip() for n in value) or len(set(value)) != len(value)):
         return f'state_joint_names {list(value)}: expected non-empty, distinct names'
@@ -154,6 +187,43 @@ def instruction_problem(text: str) -> str | None:
         return f'empty instruction {text!r}; expected a task description'
     if '\ufffd' in text:
         return f'instruction is not valid UTF-8 (decoded with replacement characters): {text!r}'
+    return None
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """The loosest decoding a run-time change may ask for (set at start, read-only)."""
+
+    acceptance: str
+    tolerance: tuple[float, ...]          # action units, one per dim or one for all
+
+
+def ceilings(values: dict) -> Ceilings:
+    """The ceilings of the start values (their own values when not set). ValueError when a
+    start value is already beyond its ceiling."""
+    result = Ceilings(values['acceptance_ceiling'] or values['acceptance'],
+                      tuple(values['tolerance_ceiling'] or values['tolerance']))
+    for name in ('acceptance', 'tolerance'):
+        problem = widening(name, values[name], result)
+        if problem:
+            raise ValueError(f'start value: {problem}')
+    return result
+
+
+def widening(name: str, value, limits: Ceilings) -> str | None:
+    """Why a run-time `value` of `name` would loosen the decoding past its ceiling (None if
+    it does not)."""
+    if name == 'acceptance' and value in STRICTNESS and \
+            STRICTNESS[value] > STRICTNESS[limits.acceptance]:
+        return (f'acceptance {value!r} is looser than the ceiling {limits.acceptance!r} set at '
+                'start (acceptance_ceiling); restart the node to allow it')
+    if name == 'tolerance':
+        ceiling = limits.tolerance * (ACTION_DIM if len(limits.tolerance) == 1 else 1)
+        asked = list(value) * (ACTION_DIM if len(value) == 1 else 1)
+        if len(asked) == len(ceiling) and any(a > c for a, c in zip(asked, ceiling,
+                                                                    strict=True)):
+            return (f'tolerance {list(value)} exceeds the ceiling {list(limits.tolerance)} set '
+                    'at start (tolerance_ceiling); restart the node to allow it')
     return None
 
 

@@ -37,7 +37,7 @@ from trajectory_msgs.msg import JointTrajectory
 from rsd_core.bundle import DEFAULT_ACTION_NAMES
 from rsd_ros.image_conversion import array_to_imgmsg
 from rsd_ros.policy_node import PolicyNode
-from rsd_ros.policy_parameters import instruction_problem, parameter_problem
+from rsd_ros.policy_parameters import PARAMETERS, instruction_problem, parameter_problem
 from rsd_ros.topics import CHUNK_QOS, INSTRUCTION_QOS, STATS_QOS, stamp_ns
 
 TIMEOUT = 60.0          # s; only reached when something is broken
@@ -314,7 +314,10 @@ def test_a_model_with_proprioception_acts_on_image_plus_joint_states(run_policy,
 
 
 def test_parameters_switch_at_run_time_and_bad_values_are_refused(run_policy, draft_dir):
-    camera, _ = run_policy(draft_dir=str(draft_dir), adaptive_proposals=False)
+    # Ceilings set at start allow the tolerance rule and a huge tolerance at run time.
+    camera, _ = run_policy(draft_dir=str(draft_dir), adaptive_proposals=False,
+                           acceptance_ceiling='tolerance', tolerance_ceiling=[100.0],
+                           action_high=[0.5] * 7)
     camera.instruct()
     _, record = camera.chunk_for(camera.send())
     assert record['used_draft'] is True and record['acceptance'] == 'exact'
@@ -326,8 +329,7 @@ def test_parameters_switch_at_run_time_and_bad_values_are_refused(run_policy, dr
 
     # A bound far above any action change accepts every proposal of the untrained draft;
     # a zero bound accepts only proposals that change nothing.
-    results = camera.set_parameters(use_draft=True, acceptance='tolerance', tolerance=[100.0],
-                                    action_high=[0.5] * 7)
+    results = camera.set_parameters(use_draft=True, acceptance='tolerance', tolerance=[100.0])
     assert all(r.successful for r in results)
     chunk, record = camera.chunk_for(camera.send())
     assert record['used_draft'] is True and record['acceptance'] == 'tolerance'
@@ -340,16 +342,46 @@ def test_parameters_switch_at_run_time_and_bad_values_are_refused(run_policy, dr
     refused = {
         'acceptance': ('fuzzy', 'expected one of exact, tolerance, bounded'),
         'tolerance': ([-0.1], 'finite values >= 0'),
-        'action_names': (['a', 'b', 'c', 'd', 'e', 'f'], 'has 6 names; expected 7'),
-        'action_low': ([0.9] * 7, 'exceeds action_high'),
+        'action_names': (['a', 'b', 'c', 'd', 'e', 'f', 'g'], 'read-only'),
+        'action_low': ([-2.0] * 7, 'read-only'),
         'model_dir': ('/elsewhere', 'read-only'),
-        'control_period': (0.0, 'range'),
+        'control_period': (10.0, 'read-only'),
+        'diagnostics_period': (0.05, 'range'),
     }
     for name, (value, reason) in refused.items():
         (result,) = camera.set_parameters(**{name: value})
         assert not result.successful and reason in result.reason, (name, result.reason)
     (result,) = camera.set_parameters(tolerance=[0.1, 0.2, 0.3])
     assert not result.successful and 'expected 1 (all dims) or 7' in result.reason
+    (result,) = camera.set_parameters(tolerance=[100.5])
+    assert not result.successful and 'exceeds the ceiling' in result.reason
+
+
+def test_no_peer_can_widen_what_the_arm_is_commanded(run_policy):
+    """Every declared parameter, tried as a hostile peer would: what changes the commanded
+    motion is read-only, the decoding can only be tightened, strings are bounded."""
+    camera, _ = run_policy(acceptance='bounded', tolerance=[0.05])
+    widening = {
+        'model_dir': '/elsewhere', 'draft_dir': '', 'autostart': False, 'device': 'cuda',
+        'dtype': 'float64', 'state_joint_names': ['a'], 'control_period': 10.0,
+        'action_names': [f'j{i}' for i in range(7)], 'frame_id': 'x' * 1_000_000,
+        'max_image_age': 0.0, 'action_low': [-2.0] * 7, 'action_high': [2.0] * 7,
+        'hardware_id': 'x' * 1_000_000, 'acceptance_ceiling': 'tolerance',
+        'tolerance_ceiling': [1e308], 'acceptance': 'tolerance', 'tolerance': [1e308],
+        'diagnostics_period': 0.01, 'stats_window': 0,
+    }
+    allowed = {'use_draft': False, 'adaptive_proposals': False}      # no change of actions
+    assert set(widening) | set(allowed) == set(PARAMETERS), 'a parameter is not tried here'
+    for name, value in widening.items():
+        (result,) = camera.set_parameters(**{name: value})
+        assert not result.successful, f'{name}={str(value)[:40]} was accepted'
+    for name, value in allowed.items():
+        (result,) = camera.set_parameters(**{name: value})
+        assert result.successful, (name, result.reason)
+    tightened = camera.set_parameters(acceptance='exact', tolerance=[0.01])
+    assert all(r.successful for r in tightened)
+    (result,) = camera.set_parameters(acceptance='bounded')         # back up to the ceiling
+    assert result.successful
 
 
 def test_bounded_mode_reports_depth_bound_and_k_over_dds(run_policy, draft_dir):
