@@ -36,7 +36,7 @@ setup(
     entry_points={
         'console_scripts': [
             'rsd = rsd_ros.cli:main',
-            'rsd_policy = rsd_ros.policy_node:main',
+            'rsd_policy = rsd_ros.policy_main:main',
             'libero_bridge = sim_bridge.bridge_node:main',
             'libero_expert = sim_bridge.expert_node:main',
         ],

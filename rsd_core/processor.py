@@ -64,15 +64,24 @@ def load_text_tokenizer(backbone_dir: str | Path) -> 'PreTrainedTokenizerBase':
     return AutoTokenizer.from_pretrained(str(backbone_dir), local_files_only=True)
 
 
+MAX_INSTRUCTION_BYTES = 2048   # UTF-8 bytes of one instruction, checked before tokenising
+RESERVED_POSITIONS = 16        # after the prompt: the robot state, the L = 8 layers, a margin
+
+
 class PromptProcessor:
     """Text tokenizer + image preprocessing of one backbone.
 
     Images are resized (antialiased bilinear, aspect ratio not kept) to `image_size` square and
-    normalised with CLIP's mean/std.
+    normalised with CLIP's mean/std. An instruction is bounded twice: at most
+    `max_instruction_bytes` UTF-8 bytes before it is tokenised (so an oversized one costs
+    nothing), and its prompt must fit the language model's positions (`max_positions`, minus
+    the image tokens and RESERVED_POSITIONS) after.
     """
 
     def __init__(self, tokenizer: 'PreTrainedTokenizerBase', image_size: int,
-                 num_image_tokens: int, prompt_template: str = PROMPT_TEMPLATE) -> None:
+                 num_image_tokens: int, prompt_template: str = PROMPT_TEMPLATE,
+                 max_positions: int | None = None,
+                 max_instruction_bytes: int = MAX_INSTRUCTION_BYTES) -> None:
         if '{instruction}' not in prompt_template:
             raise ValueError(f'prompt template {prompt_template!r} has no {{instruction}} field')
         self.tokenizer = tokenizer
@@ -85,6 +94,9 @@ class PromptProcessor:
         self._mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
         self._std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
         self._warned: set[str] = set()
+        self.max_instruction_bytes = max_instruction_bytes
+        self.max_prompt_tokens = None if max_positions is None else \
+            max_positions - 1 - self.num_image_tokens - RESERVED_POSITIONS
 
     @classmethod
     def from_backbone(cls, backbone_dir: str | Path, config: 'LlavaConfig | None' = None,
@@ -99,7 +111,7 @@ class PromptProcessor:
         patches = (vision.image_size // vision.patch_size) ** 2
         cls_token = 0 if config.vision_feature_select_strategy == 'default' else 1
         processor = cls(load_text_tokenizer(backbone_dir), vision.image_size, patches + cls_token,
-                        prompt_template)
+                        prompt_template, config.text_config.max_position_embeddings)
         if processor.image_id != config.image_token_id:
             raise ValueError(f'{backbone_dir}: tokenizer <image> id {processor.image_id}, model '
                              f'image_token_id {config.image_token_id}')
@@ -138,6 +150,10 @@ class PromptProcessor:
         """The prompt text of one instruction (validated, stripped, lower-cased)."""
         if not isinstance(instruction, str):
             raise ValueError(f'instruction must be a str, got {type(instruction).__name__}')
+        size = len(instruction.encode('utf-8', 'surrogatepass'))
+        if size > self.max_instruction_bytes:
+            raise ValueError(f'instruction of {size} bytes refused: at most '
+                             f'{self.max_instruction_bytes} bytes')
         if not instruction.strip():
             raise ValueError('instruction is empty; expected a task description such as '
                              "'pick up the black bowl and place it on the plate'")
@@ -149,6 +165,9 @@ class PromptProcessor:
         for instruction in instructions:
             text = self.tokenizer(self.prompt(instruction), add_special_tokens=False,
                                   split_special_tokens=True)['input_ids']
+            if self.max_prompt_tokens is not None and len(text) > self.max_prompt_tokens:
+                raise ValueError(f'instruction prompt of {len(text)} tokens refused: the '
+                                 f"model's positions leave {self.max_prompt_tokens}")
             if self.unk_id in text:
                 self._report_unknown(instruction)
             rows.append([self.bos_id] + [self.image_id] * self.num_image_tokens + list(text))

@@ -32,6 +32,8 @@ from cv_bridge import CvBridge
 import numpy as np
 from sensor_msgs.msg import Image
 
+from rsd_ros.excerpt import excerpt
+
 # Encodings the policy accepts -> channels (all 8-bit).
 CHANNELS = {'rgb8': 3, 'bgr8': 3, 'rgba8': 4, 'bgra8': 4, 'mono8': 1}
 
@@ -54,7 +56,7 @@ def check_image_message(msg: Image) -> None:
     """Raise ImageConversionError unless `msg` is a well-formed image of a supported encoding."""
     if msg.encoding not in CHANNELS:
         raise ImageConversionError(
-            f'unsupported image encoding {msg.encoding!r}: expected one of '
+            f'unsupported image encoding {excerpt(msg.encoding)}: expected one of '
             f'{", ".join(CHANNELS)} (an 8-bit colour or mono camera image; 16-bit and float '
             'images such as depth are not policy input)')
     if msg.height == 0 or msg.width == 0:
@@ -114,7 +116,7 @@ def array_to_imgmsg(image: np.ndarray, encoding: str = 'rgb8', stamp: Time | Non
     """Pack uint8 [H, W, C] (or [H, W] for mono8) in `encoding`'s channel order into an Image."""
     if encoding not in CHANNELS:
         raise ValueError(
-            f'unsupported encoding {encoding!r}; expected one of {", ".join(CHANNELS)}')
+            f'unsupported encoding {excerpt(encoding)}; expected one of {", ".join(CHANNELS)}')
     channels = CHANNELS[encoding]
     expected = 'H, W' if channels == 1 else f'H, W, {channels}'
     shape_ok = image.ndim == 2 if channels == 1 else image.ndim == 3 and image.shape[2] == channels

@@ -23,6 +23,7 @@ from sensor_msgs.msg import JointState
 from trajectory_msgs.msg import JointTrajectory
 
 from rsd_core.stats import ChunkStats
+from rsd_ros.excerpt import excerpt
 from rsd_ros.topics import pack_chunk
 
 
@@ -68,11 +69,11 @@ def joint_state_vector(msg: JointState, names: Sequence[str]) -> np.ndarray:
                          'positions')
     index = {name: i for i, name in enumerate(msg.name)}
     if len(index) != len(msg.name):
-        raise ValueError(f'joint_states repeats joint names: {list(msg.name)}')
+        raise ValueError(f'joint_states repeats joint names: {excerpt(list(msg.name))}')
     missing = [n for n in names if n not in index]
     if missing:
-        raise ValueError(f'joint_states lacks {missing} (the model reads {list(names)}; '
-                         f'received {list(msg.name)})')
+        raise ValueError(f'joint_states lacks {excerpt(missing)} (the model reads '
+                         f'{list(names)}; received {excerpt(list(msg.name))})')
     state = np.array([msg.position[index[n]] for n in names], dtype=np.float32)  # [P]
     if not np.isfinite(state).all():
         raise ValueError(f'joint_states positions of {list(names)} are not all finite')
@@ -109,6 +110,8 @@ class PolicyCounters:
     bad_instructions: int = 0  # instructions refused (empty, whitespace, not UTF-8)
     no_state: int = 0          # images not acted on: no usable joint_states (proprio models)
     inactive: int = 0          # images received while the node was not active (lifecycle)
+    future: int = 0            # images stamped in the future beyond max_clock_skew
+    bad_state: int = 0         # images not acted on: robot state beyond max_state_abs
     errors: int = 0            # engine exceptions
 
     def since(self, earlier: 'PolicyCounters') -> 'PolicyCounters':
@@ -139,7 +142,10 @@ def status_level(new: PolicyCounters, *, waiting_for_instruction: bool, error: s
                                                       (new.bad_images, 'bad images'),
                                                       (new.bad_instructions, 'bad instructions'),
                                                       (new.no_state, 'images without joint '
-                                                                     'states'))
+                                                                     'states'),
+                                                      (new.future, 'images stamped in the future'),
+                                                      (new.bad_state, 'robot states out of '
+                                                                      'range'))
                 if count]
     if new.chunks == 0:
         return DiagnosticStatus.WARN, 'no chunk published' + (

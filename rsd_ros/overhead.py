@@ -91,8 +91,8 @@ def policy_parameters(args: argparse.Namespace) -> dict:
 
 
 def start_subprocess(args: argparse.Namespace) -> subprocess.Popen:
-    """The policy node as `python -m rsd_ros.policy_node` in the namespace."""
-    command = [sys.executable, '-m', 'rsd_ros.policy_node', '--ros-args',
+    """The policy node as `python -m rsd_ros.policy_main` in the namespace."""
+    command = [sys.executable, '-m', 'rsd_ros.policy_main', '--ros-args',
                '-r', f'__ns:={args.namespace}']
     for name, value in policy_parameters(args).items():
         command += ['-p', f'{name}:={value}' if value != '' else f"{name}:=''"]

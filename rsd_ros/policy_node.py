@@ -51,12 +51,9 @@ import traceback
 from diagnostic_msgs.msg import DiagnosticArray
 import numpy as np
 from rcl_interfaces.msg import SetParametersResult
-import rclpy
 from rclpy.exceptions import ParameterUninitializedException
-from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
-from rclpy.time import Time
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 from trajectory_msgs.msg import JointTrajectory
@@ -64,12 +61,14 @@ from trajectory_msgs.msg import JointTrajectory
 from rsd_core.engine import RSDEngine
 from rsd_core.stats import ChunkStats, StatsAggregator
 from rsd_ros import topics
+from rsd_ros.frame_checks import stamp_problem, state_problem
 from rsd_ros.frame_mailbox import FrameMailbox, Work
 from rsd_ros.image_conversion import (
     ImageConversionError,
     check_image_message,
     checked_imgmsg_to_rgb,
 )
+from rsd_ros.log_limiter import LogLimiter
 from rsd_ros.messages import (
     PolicyCounters,
     chunk_to_trajectory,
@@ -97,6 +96,7 @@ from rsd_ros.policy_parameters import (
 )
 
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
+MAX_LOG_CHARS = 2000            # one problem report, before its suffix
 
 
 class PolicyNode(LifecycleNode):
@@ -123,7 +123,7 @@ class PolicyNode(LifecycleNode):
         self._error: str | None = None
         self._aggregator = StatsAggregator(self._settings.stats_window)
         self._latencies: list[float] = []
-        self._logged: set[str] = set()
+        self._limiter = LogLimiter()
         self._said_waiting = False
         self._worker: threading.Thread | None = None
         self._entities: list = []               # topics and the timer, made in configure
@@ -204,14 +204,21 @@ class PolicyNode(LifecycleNode):
                                       self._image_sub, self._instruction_sub, self._joints_sub,
                                       self._diag_timer) if e is not None]
 
+    def stop_worker(self, timeout: float) -> bool:
+        """Stop publishing at once and wait up to `timeout` s for the worker; True if it is
+        still running (a chunk in progress), False when it has ended or never started."""
+        self._mailbox.stop()
+        worker = self._worker
+        if worker is None or worker is threading.current_thread():
+            return False
+        worker.join(timeout=timeout)
+        return worker.is_alive()
+
     def _teardown(self) -> None:
         """Stop and join the worker, destroy the topics and the timer, drop the model."""
-        self._mailbox.stop()
-        worker, self._worker = self._worker, None
-        if worker is not None and worker is not threading.current_thread():
-            worker.join(timeout=10.0)
-            if worker.is_alive():
-                self.get_logger().warning('inference still running at shutdown; not waiting')
+        if self.stop_worker(10.0):
+            self.get_logger().warning('inference still running at shutdown; not waiting')
+        self._worker = None
         for entity in self._entities:
             destroy = {'Publisher': self.destroy_publisher, 'Subscription':
                        self.destroy_subscription, 'Timer': self.destroy_timer}
@@ -305,7 +312,15 @@ class PolicyNode(LifecycleNode):
                                    f'{self._instruction_sub.topic_name} before acting')
 
     def _on_instruction(self, msg: String) -> None:
-        problem = instruction_problem(msg.data)
+        """Put a valid instruction in force; refuse (count, log once, keep the one in force)
+        one that is too long in bytes (before anything else reads it) or in prompt tokens,
+        empty, or not UTF-8."""
+        problem = instruction_problem(msg.data, self._settings.max_instruction_bytes)
+        if problem is None:
+            try:
+                self._engine.main.processor.encode_text([msg.data])
+            except ValueError as error:
+                problem = str(error)
         if problem:
             self._count(bad_instructions=1)
             self._log_once('warning', problem, f'{problem}; keeping the instruction in force: '
@@ -337,13 +352,14 @@ class PolicyNode(LifecycleNode):
                 setattr(self._counters, name, getattr(self._counters, name) + amount)
 
     def _log_once(self, level: str, key: str, text: str) -> None:
-        """Log each distinct problem `key` once (a bad camera at 30 Hz must not flood the log)."""
-        if key in self._logged:
+        """Log each distinct problem `key` once, a few per minute (rsd_ros.log_limiter): a bad
+        camera at 30 Hz or a hostile peer must not flood the log. Counts stay exact in
+        /diagnostics."""
+        admitted, suppressed = self._limiter.admit(key)
+        if not admitted:
             return
-        if len(self._logged) > 1000:
-            self._logged.clear()
-        self._logged.add(key)
-        text += ' (logged once; see /diagnostics for counts)'
+        more = f'; {suppressed} more distinct problems were not logged' if suppressed else ''
+        text = text[:MAX_LOG_CHARS] + f' (logged once{more}; see /diagnostics for counts)'
         # rclpy fixes a call site's severity on first use: one call per level.
         if level == 'error':
             self.get_logger().error(text)
@@ -368,8 +384,8 @@ class PolicyNode(LifecycleNode):
         the robot state if the model takes it, inferred, clipped and published."""
         settings, msg = self._settings, work.frame
         start = self.get_clock().now()
-        stamp = Time.from_msg(msg.header.stamp)
-        if not self._fresh(stamp, start, settings):
+        stamp = topics.stamp_ns(msg.header.stamp)                # ns; rclpy Time refuses < 0
+        if not self._fresh(stamp, start.nanoseconds, settings):
             return
         try:
             image = checked_imgmsg_to_rgb(msg)
@@ -392,32 +408,31 @@ class PolicyNode(LifecycleNode):
         except Exception as error:
             self._engine_failed(error, msg, image, work.instruction)
             return
-        timing = {'receive_ms': (work.received_ns - stamp.nanoseconds) * 1e-6,
+        timing = {'receive_ms': (work.received_ns - stamp) * 1e-6,
                   'wait_ms': (start.nanoseconds - work.received_ns) * 1e-6,
                   'convert_ms': (converted - start).nanoseconds * 1e-6,
                   'predict_ms': (predicted - converted).nanoseconds * 1e-6}
         self._publish(chunk, clipped, stats, stamp, timing, settings)
 
-    def _fresh(self, stamp: Time, now: Time, settings: Settings) -> bool:
-        """Whether an image stamped `stamp` may be acted on at `now` (else counted stale)."""
-        age = (now - stamp).nanoseconds * 1e-9
-        if settings.max_image_age <= 0 or age <= settings.max_image_age:
+    def _fresh(self, stamp: int, now: int, settings: Settings) -> bool:
+        """Whether an image stamped `stamp` (ns) may be acted on at `now` (ns); else counted
+        (stale or future) and said, throttled."""
+        problem = stamp_problem(stamp, now, settings.max_image_age, settings.max_clock_skew)
+        if problem is None:
             return True
-        self._count(stale=1)
-        hint = ' (header.stamp is not set)' if stamp.nanoseconds == 0 else ''
-        self.get_logger().warning(
-            f'image {age:.3f} s old > max_image_age {settings.max_image_age} s: not acted '
-            f'on{hint}', throttle_duration_sec=5.0)
+        counter, text = problem
+        self._count(**{counter: 1})
+        self.get_logger().warning(text, throttle_duration_sec=5.0)
         return False
 
-    def _publish(self, chunk: JointTrajectory, clipped: int, stats: ChunkStats, stamp: Time,
+    def _publish(self, chunk: JointTrajectory, clipped: int, stats: ChunkStats, stamp: int,
                  timing: dict, settings: Settings) -> None:
         """Publish the chunk and its policy_stats line, unless the node is shutting down."""
         with self._mailbox.open_for_output() as open_:
             if not open_ or not self.context.ok():
                 return                 # shutting down (a signal shuts the context down first)
             try:
-                latency_ms = (self.get_clock().now() - stamp).nanoseconds * 1e-6  # -> publish
+                latency_ms = (self.get_clock().now().nanoseconds - stamp) * 1e-6  # -> publish
                 self._chunk_pub.publish(chunk)
                 with self._lock:
                     counters = self._counters
@@ -435,7 +450,7 @@ class PolicyNode(LifecycleNode):
                 if self.context.ok():
                     raise              # the context went down between the check and publish
 
-    def _robot_state(self, image_stamp: Time, settings: Settings) -> np.ndarray | None:
+    def _robot_state(self, image_stamp: int, settings: Settings) -> np.ndarray | None:
         """The newest joint state as the model's proprio [P], or None (counted, logged) when
         there is none, it is malformed, or it is older than the image by more than
         max_image_age."""
@@ -449,7 +464,12 @@ class PolicyNode(LifecycleNode):
             self._count(no_state=1)
             self._log_once('warning', str(error), f'image not acted on: {error}')
             return None
-        lag = (image_stamp - Time.from_msg(joints.header.stamp)).nanoseconds * 1e-9
+        problem = state_problem(state, self._state_names, settings.max_state_abs)
+        if problem:
+            self._count(bad_state=1)
+            self._log_once('warning', problem, f'{problem}: image not acted on')
+            return None
+        lag = (image_stamp - topics.stamp_ns(joints.header.stamp)) * 1e-9
         if settings.max_image_age > 0 and lag > settings.max_image_age:
             self._count(no_state=1)
             self.get_logger().warning(
@@ -478,25 +498,3 @@ class PolicyNode(LifecycleNode):
         if getattr(self, '_entities', None) is not None:    # absent if __init__ failed early
             self._teardown()
         super().destroy_node()
-
-
-def main(args: list[str] | None = None) -> None:
-    """Spin the rsd_policy node until shutdown (args: ROS command line arguments)."""
-    try:
-        with rclpy.init(args=args):
-            node = PolicyNode()
-            try:
-                rclpy.spin(node)
-            except RuntimeError:       # rclpy's RCLError: a signal shut the context down
-                if node.context.ok():  # while the executor built its wait set
-                    raise
-            finally:
-                # A signal shuts the context down without destroying its nodes: stop the
-                # inference thread before the interpreter exits under it.
-                node.destroy_node()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-
-
-if __name__ == '__main__':
-    main()

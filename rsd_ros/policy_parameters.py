@@ -24,6 +24,7 @@ from rclpy.parameter import Parameter
 
 from rsd_core.acceptance import MODES
 from rsd_core.main_model import DTYPES
+from rsd_ros.excerpt import excerpt
 from rsd_ros.topics import LIBERO_ACTION_NAMES
 
 ACTION_DIM = len(LIBERO_ACTION_NAMES)
@@ -48,6 +49,9 @@ class Settings:
     hardware_id: str
     stats_window: int                     # chunks
     state_joint_names: tuple[str, ...]    # the robot's names of the model's state, () = own
+    max_instruction_bytes: int            # UTF-8 bytes
+    max_clock_skew: float                 # s an image stamp may lie in the future
+    max_state_abs: float                  # rad or m, the largest |robot-state value|
 
 
 def _descriptor(kind: int, description: str, read_only: bool = False,
@@ -133,6 +137,16 @@ PARAMETERS = {
     'hardware_id': ('', _descriptor(P.PARAMETER_STRING, 'DiagnosticStatus.hardware_id',
                                     read_only=True, constraints=f"'' = the device; at most "
                                                                 f'{MAX_STRING} characters')),
+    'max_instruction_bytes': (2048, _descriptor(
+        P.PARAMETER_INTEGER, 'longest instruction accepted, UTF-8 bytes (refused at the '
+        "subscription; the model's prompt budget bounds its tokens as well)", read_only=True,
+        ints=(1, 1_000_000))),
+    'max_clock_skew': (0.5, _descriptor(
+        P.PARAMETER_DOUBLE, 'images stamped more than this in the future (s) are not acted on',
+        read_only=True, floats=(0.0, 60.0))),
+    'max_state_abs': (10.0, _descriptor(
+        P.PARAMETER_DOUBLE, 'robot-state values beyond +- this (rad or m) are refused before the '
+        'model sees them', read_only=True, floats=(0.0, 1e6))),
     'stats_window': (100, _descriptor(P.PARAMETER_INTEGER,
                                       'chunks in the diagnostics latency/acceptance window',
                                       ints=(1, 100_000))),
@@ -181,12 +195,18 @@ def parameter_problem(name: str, value, current: dict) -> str | None:
     return None
 
 
-def instruction_problem(text: str) -> str | None:
-    """Why an instruction cannot be used (None if it can)."""
+def instruction_problem(text: str, max_bytes: int = 2048) -> str | None:
+    """Why an instruction cannot be used (None if it can): longer than `max_bytes` UTF-8
+    bytes (checked first, before anything reads the text), empty, or not UTF-8."""
+    size = len(text.encode('utf-8', 'surrogatepass'))
+    if size > max_bytes:
+        return (f'instruction of {size} bytes refused: at most {max_bytes} '
+                f'(max_instruction_bytes): {excerpt(text, 40)}')
     if not text.strip():
-        return f'empty instruction {text!r}; expected a task description'
+        return f'empty instruction {excerpt(text)}; expected a task description'
     if '\ufffd' in text:
-        return f'instruction is not valid UTF-8 (decoded with replacement characters): {text!r}'
+        return ('instruction is not valid UTF-8 (decoded with replacement characters): '
+                f'{excerpt(text)}')
     return None
 
 
@@ -238,7 +258,9 @@ def read_settings(values: dict) -> Settings:
         action_low=tuple(v['action_low']), action_high=tuple(v['action_high']),
         diagnostics_period=v['diagnostics_period'],
         hardware_id=v['hardware_id'] or v['device'], stats_window=v['stats_window'],
-        state_joint_names=tuple(v['state_joint_names'] or ()))
+        state_joint_names=tuple(v['state_joint_names'] or ()),
+        max_instruction_bytes=v['max_instruction_bytes'], max_clock_skew=v['max_clock_skew'],
+        max_state_abs=v['max_state_abs'])
 
 
 def state_names(settings: Settings, model_names: tuple[str, ...]) -> tuple[str, ...]:

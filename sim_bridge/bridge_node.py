@@ -4,6 +4,8 @@ Publishes the upright agent-view image on `camera/image_raw`, the task language 
 `instruction`, joint states on `joint_states`, privileged object poses on `sim/object_poses`
 (for the scripted expert), its own status on `/diagnostics` and one JSON record per episode on
 `episode_result` (also appended to `results_file`). Executes `action_chunk` trajectories.
+With `mcap_dir` set, each episode's camera, instruction, joint states, chunks and result are
+recorded as one MCAP file, as `ros2 bag` would record them (`episode_recorder`).
 
 The simulator runs in its own thread (a render blocks for ~0.1 s); the ROS executor in the
 main thread only converts and queues incoming chunks, so their arrival time is taken when they
@@ -59,6 +61,7 @@ from sim_bridge.chunk_executor import (
     RealtimeExecutor,
 )
 from sim_bridge.episode_link import EpisodeLink, Offer
+from sim_bridge.episode_recorder import EpisodeRecorder, episode_name
 from sim_bridge.libero_env import CONTROL_PERIOD, LiberoTask, Observation
 from sim_bridge.lockstep import LockstepScheduler
 from sim_bridge.realtime import RealtimeScheduler
@@ -80,11 +83,14 @@ PARAMETERS = {
                      'expected joint_names of action_chunk, in order'),
     'chunk_timeout': (5.0, 's without an answer before the observation is republished'),
     'chunk_len': (8, 'expected points per chunk; 0 = any number'),
+    'action_limit': (1.0, 'positions beyond +- this (action units) refuse the chunk'),
     'observation_interval': (0, 'realtime: observe every N ticks; 0 = when the chunk runs out'),
     'settle_steps': (10, 'no-op steps after loading an initial state (objects drop)'),
     'video_path': ('', 'write the first episode as MP4 (or GIF by extension); empty = none'),
     'frame_id': ('agentview', 'frame_id of the published images'),
     'diagnostics_period': (1.0, 's between /diagnostics messages'),
+    'mcap_dir': ('', 'record each episode as <mcap_dir>/<suite>_task<T>_init<I>_ep<E>.mcap; '
+                     'empty = do not record'),
 }
 
 
@@ -118,9 +124,11 @@ class LiberoBridge(Node):
                                                                       read_only=True))
         self.config = {name: self.get_parameter(name).value for name in PARAMETERS}
         self._check_config()
+        self.recorder = EpisodeRecorder(self.config['mcap_dir'])
         self.validator = ChunkValidator(action_names=tuple(self.config['action_names']),
                                         chunk_len=self.config['chunk_len'],
-                                        default_period=CONTROL_PERIOD)
+                                        default_period=CONTROL_PERIOD,
+                                        action_limit=self.config['action_limit'])
 
         self.image_pub = self.create_publisher(Image, topics.CAMERA, topics.SENSOR_QOS)
         self.instruction_pub = self.create_publisher(String, topics.INSTRUCTION,
@@ -175,8 +183,10 @@ class LiberoBridge(Node):
         return self.get_clock().now().nanoseconds
 
     def _on_chunk(self, msg: JointTrajectory) -> None:
-        """Queue the chunk for the simulator thread, timed on arrival."""
-        self._inbox.put(chunk_message(msg, self._now_ns()))
+        """Record and queue the chunk for the simulator thread, timed on arrival."""
+        now = self._now_ns()
+        self.recorder.write(self.chunk_sub.topic_name, msg, now)
+        self._inbox.put(chunk_message(msg, now))
 
     def _on_policy_stats(self, msg: String) -> None:
         """Keep a JSON-object stats message for the episode record."""
@@ -246,6 +256,7 @@ class LiberoBridge(Node):
             self.get_logger().error(f'simulator thread failed: {type(exc).__name__}: {exc}\n'
                                     f'{traceback.format_exc()}')
         finally:
+            self.recorder.abort()   # an episode cut short keeps its .part name
             if task is not None and task is not self._given_task:
                 task.close()
             self.finished.set()
@@ -291,8 +302,13 @@ class LiberoBridge(Node):
         """Object poses, joint states, then the image, all with one stamp."""
         state = privileged_state(task, obs, stamp_ns, episode)
         self.poses_pub.publish(String(data=json.dumps(state)))
-        self.joint_pub.publish(joint_state_msg(task, obs.robot, stamp_ns))
-        self.image_pub.publish(image_msg(obs.image, stamp_ns, self.config['frame_id']))
+        self._send(self.joint_pub, joint_state_msg(task, obs.robot, stamp_ns))
+        self._send(self.image_pub, image_msg(obs.image, stamp_ns, self.config['frame_id']))
+
+    def _send(self, publisher: Any, msg: Any) -> None:
+        """Publish `msg`; record it, sent now, when an episode is being recorded."""
+        publisher.publish(msg)
+        self.recorder.write(publisher.topic_name, msg, self._now_ns())
 
     def _await_answer(self, offer: Offer, republish: Callable[[], None]) -> bool:
         """Feed queued chunks to `offer` until it returns True (or raises ChunkRejected, which is
@@ -330,6 +346,9 @@ class LiberoBridge(Node):
         max_steps = config['max_steps'] or task.horizon
         self._drain_inbox()
         obs = task.reset(init_state)
+        self.recorder.begin(episode_name(task.suite, task.task_id, init_state, episode))
+        self.recorder.write(self.instruction_pub.topic_name, String(data=task.language),
+                            self._now_ns())   # the latched instruction in force
         with self._lock:
             self._policy_stats.clear()
             self._status.update(state='running', episode=episode, step=0)
@@ -397,9 +416,13 @@ class LiberoBridge(Node):
         return result.success or result.step >= max_steps
 
     def _report(self, result: dict) -> None:
-        """Publish, append to `results_file` and log one episode record."""
+        """Publish, record (closing the episode's MCAP file), append to `results_file` and log
+        one episode record."""
+        if self.recorder.path is not None:
+            result['mcap_file'] = str(self.recorder.path)
         line = json.dumps(result)
-        self.result_pub.publish(String(data=line))
+        self._send(self.result_pub, String(data=line))
+        self.recorder.finish(result)
         if self.config['results_file']:
             path = Path(self.config['results_file'])
             path.parent.mkdir(parents=True, exist_ok=True)

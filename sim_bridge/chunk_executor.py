@@ -68,10 +68,15 @@ class ChunkValidator:
     action_names: the expected joint_names, in order (their count is the action size A).
     chunk_len: expected number of points (0 accepts any number >= 1).
     default_period: s, point spacing of a one-point chunk (time_from_start cannot give it).
+    action_limit: the arm's action range is [-action_limit, action_limit] in every dim (OSC_POSE
+    inputs are normalised to [-1, 1]); a position beyond it refuses the chunk. Positions are
+    checked in float32, the precision `step` executes them in (1e300 is finite as float64 and
+    infinite as float32).
     """
     action_names: tuple[str, ...]
     chunk_len: int = 8
     default_period: float = 0.05
+    action_limit: float = 1.0
 
     def __call__(self, msg: ChunkMessage) -> Chunk:
         names = tuple(msg.joint_names)
@@ -86,10 +91,17 @@ class ChunkValidator:
             if len(point) != dim:
                 raise ChunkRejected(f'point {index} has {len(point)} positions; expected {dim} '
                                     '(one per joint name)')
-        actions = np.array(msg.positions, dtype=np.float64)  # [T, A]
+        with np.errstate(over='ignore'):
+            actions = np.array(msg.positions, dtype=np.float64).astype(np.float32)  # [T, A]
         if not np.isfinite(actions).all():
             bad = sorted({int(i) for i in np.argwhere(~np.isfinite(actions))[:, 0]})
-            raise ChunkRejected(f'non-finite positions (NaN or Inf) in points {bad}')
+            raise ChunkRejected(f'non-finite positions (NaN, Inf, or beyond float32) in points '
+                                f'{bad}')
+        beyond = np.abs(actions) > self.action_limit
+        if beyond.any():
+            bad = sorted({int(i) for i in np.argwhere(beyond)[:, 0]})
+            raise ChunkRejected(f'positions beyond the action range +-{self.action_limit} in '
+                                f'points {bad} (max |x| = {float(np.abs(actions).max()):.3g})')
         if len(msg.time_from_start) != count:
             raise ChunkRejected(f'{len(msg.time_from_start)} time_from_start values for '
                                 f'{count} points; expected one per point')
@@ -101,7 +113,7 @@ class ChunkValidator:
             raise ChunkRejected(f'time_from_start {times.tolist()} s; expected strictly '
                                 'increasing values (one control period apart)')
         period = (times[-1] - times[0]) / (count - 1) if count > 1 else self.default_period
-        return Chunk(stamp_ns=int(msg.stamp_ns), actions=actions.astype(np.float32),
+        return Chunk(stamp_ns=int(msg.stamp_ns), actions=actions,
                      offsets=times - times[0], period=float(period),
                      received_ns=int(msg.received_ns))
 

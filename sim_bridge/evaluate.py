@@ -7,7 +7,8 @@ episodes (initial states `--init-state`, +1, ...) and appends one JSON line per 
 `<out>/results.jsonl`, which this command follows to show progress. At the end it writes
 `<out>/summary.md` and `<out>/summary.json` (success per task, mean steps, latency percentiles
 from header stamps, draft acceptance, held / skipped steps, dropped frames) and prints the
-table. Child logs go to `<out>/logs/`.
+table. Child logs go to `<out>/logs/`. With `--mcap` every bridge records each episode as
+`<out>/mcap/<suite>_task<T>_init<I>_ep<E>.mcap` (ros2 bag's format; the summary lists them).
 
 Exit status: 0 when every episode ran (whatever the task success), 1 on an infrastructure
 failure (a process died, no progress within the timeouts, missing results), 2 on bad
@@ -82,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--json', action='store_true', help='print the summary as JSON')
     parser.add_argument('--video', action='store_true',
                         help='save the first episode as <out>/episode.mp4')
+    parser.add_argument('--mcap', action='store_true',
+                        help='record every episode as an MCAP file (the format of ros2 bag, '
+                             'Foxglove, the mcap CLI) in <out>/mcap/')
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -213,14 +217,16 @@ def policy_command(args: argparse.Namespace) -> list[str]:
 
 
 def bridge_command(args: argparse.Namespace, task_id: int, results: Path,
-                   video: Path | None) -> list[str]:
-    """The libero_bridge command line for one task, results to `results`."""
+                   video: Path | None, mcap_dir: Path | None = None) -> list[str]:
+    """The libero_bridge command line for one task, results to `results`, episode recordings
+    to `mcap_dir` (None = none)."""
     params = {
         'suite': args.suite, 'task_id': task_id, 'init_state': args.init_state,
         'seed': args.seed, 'mode': 'realtime' if args.realtime else 'lockstep',
         'max_steps': args.max_steps, 'episodes': args.trials, 'camera_size': args.camera_size,
         'results_file': str(results), 'chunk_timeout': args.chunk_timeout,
         'video_path': str(video) if video else '',
+        'mcap_dir': str(mcap_dir) if mcap_dir else '',
     }
     argv = [console_script(BRIDGE_SCRIPT), '--ros-args']
     for name, value in params.items():
@@ -333,6 +339,10 @@ def markdown_table(summary: dict) -> str:
     names = [f"{row['task_id']}: {row['task']}" for row in summary['tasks'] if row['task']]
     if names:
         lines += ['', 'Tasks: ' + '; '.join(names)]
+    recordings = summary.get('recordings')
+    if recordings:
+        lines += ['', f"Episode recordings: {len(recordings['files'])} MCAP files in "
+                      f"{recordings['dir']} (ros2 bag info FILE, Foxglove, mcap info FILE)"]
     return '\n'.join(lines) + '\n'
 
 
@@ -369,8 +379,9 @@ def run_task(args, task_id: int, policy: Child, env: dict, out: Path, follower, 
     if policy.exited() is not None:
         raise InfrastructureError(f'the policy exited with status {policy.exited()}; last '
                                   f'lines of {policy.log}:\n{policy.tail()}')
+    mcap_dir = out / 'mcap' if args.mcap else None
     bridge = Child.start(f'bridge (task {task_id})',
-                         bridge_command(args, task_id, follower.path, video), env,
+                         bridge_command(args, task_id, follower.path, video, mcap_dir), env,
                          out / 'logs' / f'bridge_task{task_id}.log')
     done, bridge_exited = 0, False
     deadline = time.monotonic() + args.startup_timeout
@@ -434,6 +445,9 @@ def run(args: argparse.Namespace) -> int:
     if results.exists():
         logger.info('replacing the results of an earlier run in %s', out)
         results.unlink()
+    for path in sorted((out / 'mcap').glob('*.mcap*')) if args.mcap else []:
+        logger.info('removing %s, a recording of an earlier run', path)
+        path.unlink()
     domain = int(os.environ['ROS_DOMAIN_ID']) if os.environ.get('ROS_DOMAIN_ID') \
         else pick_domain_id()
     env = child_environment(domain)
@@ -468,6 +482,9 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(records, tasks, config)
     summary['complete'] = status == 0
     summary['results_file'] = str(results)
+    if args.mcap:
+        summary['recordings'] = {'dir': str(out / 'mcap'),
+                                 'files': [r['mcap_file'] for r in records if r.get('mcap_file')]}
     table = markdown_table(summary)
     (out / 'summary.md').write_text(table)
     (out / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')

@@ -48,3 +48,29 @@ def proprio_bundle(tmp_path_factory):
 
     return make_test_bundle(tmp_path_factory.mktemp('proprio_bundle') / 'bundle', seed=1,
                             proprio_names=TEST_JOINTS)
+
+
+@pytest.fixture
+def run_policy(ros_context, tiny_bundle):
+    """rsd_policy over DDS: start(**parameters) -> (Camera, Policy), connected; both torn
+    down after the test (test/policy_harness.py)."""
+    from policy_harness import Camera, Policy, policy_namespace
+
+    started = []
+
+    def start(**parameters):
+        namespace = policy_namespace()
+        parameters = {'model_dir': str(tiny_bundle), 'draft_dir': '', 'max_image_age': 5.0,
+                      'diagnostics_period': 0.1, 'hardware_id': namespace, **parameters}
+        policy = Policy(namespace, **parameters)
+        camera = Camera(ros_context, namespace, parameters['hardware_id'] or 'cpu')
+        started.append((camera, policy))
+        camera.connect(policy)
+        return camera, policy
+
+    yield start
+    for camera, policy in started:
+        camera.close()
+        policy.close()
+
+

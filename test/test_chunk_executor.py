@@ -31,8 +31,10 @@ def message(stamp_ns=T0, points=8, names=NAMES, received_ns=None, period=0.05, f
                         received_ns=stamp_ns + 30 * MS if received_ns is None else received_ns)
 
 
-def validator(chunk_len=8):
-    return ChunkValidator(action_names=NAMES, chunk_len=chunk_len, default_period=0.05)
+def validator(chunk_len=8, action_limit=100.0):
+    """A validator; the point values k = 0..7 of `message` need a wide action range."""
+    return ChunkValidator(action_names=NAMES, chunk_len=chunk_len, default_period=0.05,
+                          action_limit=action_limit)
 
 
 def with_positions(msg, index, point):
@@ -70,6 +72,18 @@ def test_both_time_from_start_conventions_give_the_same_schedule():
 def test_malformed_chunks_are_rejected_with_a_reason(msg, reason):
     with pytest.raises(ChunkRejected, match=reason):
         validator()(msg)
+
+
+def test_positions_are_checked_in_float32_and_against_the_action_range():
+    with pytest.raises(ChunkRejected, match=r'non-finite .*beyond float32.* points \[0, 1'):
+        validator()(message(value=1e300))                # finite as float64, inf as float32
+    strict = validator(action_limit=1.0)
+    with pytest.raises(ChunkRejected, match=r'beyond the action range \+-1.0 in points \[0'):
+        strict(message(value=1e30))                       # the 1e30 gripper command
+    with pytest.raises(ChunkRejected, match=r'points \[2, 3'):
+        strict(message(value=None, gripper=0.5))          # points 2.. have positions k > 1
+    chunk = strict(message(value=-1.0, gripper=1.0))
+    assert chunk.actions.dtype == np.float32 and np.abs(chunk.actions).max() == 1.0
 
 
 def test_rejection_names_the_bad_point():

@@ -150,3 +150,35 @@ def test_joint_state_vector_picks_the_model_joints_by_name():
 def test_joint_state_vector_refuses_unusable_messages(msg, message):
     with pytest.raises(ValueError, match=message):
         joint_state_vector(msg, ('j1', 'j2'))
+
+
+def test_stamp_and_state_rules():
+    from rsd_ros.frame_checks import stamp_problem, state_problem
+
+    now = 1_000 * 10**9
+    assert stamp_problem(now - 10**8, now, 0.5, 0.5) is None
+    assert stamp_problem(now - 10**9, now, 0.5, 0.5)[0] == 'stale'
+    assert stamp_problem(now - 10**12, now, 0.0, 0.5) is None            # no age limit
+    assert stamp_problem(now + 10**8, now, 0.5, 0.5) is None             # within the skew
+    assert stamp_problem(now + 3600 * 10**9, now, 0.5, 0.5)[0] == 'future'
+    assert stamp_problem(-2 * 10**18, now, 0.5, 0.5)[0] == 'future'     # a wrapped int32 stamp
+    names = ('a', 'b', 'c')
+    assert state_problem(np.array([0.1, -3.0, 0.04]), names, 10.0) is None
+    assert "['b']" in state_problem(np.array([0.1, 1e30, 0.04]), names, 10.0)
+    assert "['c']" in state_problem(np.array([0.1, 0.2, np.nan]), names, 10.0)
+
+
+def test_excerpts_cut_long_values_and_say_their_length():
+    from rsd_ros.excerpt import excerpt
+    from rsd_ros.log_limiter import LogLimiter
+
+    assert excerpt('rgb8') == "'rgb8'"
+    cut = excerpt('x' * 200_000)
+    assert len(cut) < 120 and '(200000 characters)' in cut
+    clock = [0.0]
+    limiter = LogLimiter(memory=4, burst=2, period=60.0, clock=lambda: clock[0])
+    assert limiter.admit('a') == (True, 0) and limiter.admit('a') == (False, 0)
+    assert limiter.admit('b') == (True, 0)
+    assert limiter.admit('c') == (False, 0) and limiter.admit('d') == (False, 0)   # burst used
+    clock[0] = 61.0
+    assert limiter.admit('e') == (True, 2)                    # says what was suppressed

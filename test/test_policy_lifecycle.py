@@ -12,11 +12,11 @@ import time
 from lifecycle_msgs.msg import State, Transition
 from lifecycle_msgs.srv import ChangeState, GetState
 import numpy as np
+from policy_harness import INSTRUCTION, Camera, Policy
 import pytest
 from rclpy.duration import Duration
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import JointState
-from test_policy_node import INSTRUCTION, Camera, Policy
 
 from rsd_ros.image_conversion import array_to_imgmsg
 from rsd_ros.policy_node import PolicyNode

@@ -6,175 +6,32 @@ in a namespace of its own. Waits are event-driven (spin until a message arrives)
 timeouts; nothing asserts on durations.
 """
 
-import itertools
-import json
 import os
 from pathlib import Path
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from diagnostic_msgs.msg import DiagnosticStatus
 import numpy as np
+from policy_harness import INSTRUCTION, Camera
 import psutil
 import pytest
 import rclpy
 from rclpy.duration import Duration
 from rclpy.exceptions import InvalidParameterValueException
-from rclpy.executors import SingleThreadedExecutor
-from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.parameter_client import AsyncParameterClient
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image, JointState
-from std_msgs.msg import String
 import torch
-from trajectory_msgs.msg import JointTrajectory
 
 from rsd_core.bundle import DEFAULT_ACTION_NAMES
 from rsd_ros.image_conversion import array_to_imgmsg
 from rsd_ros.policy_node import PolicyNode
 from rsd_ros.policy_parameters import PARAMETERS, instruction_problem, parameter_problem
-from rsd_ros.topics import CHUNK_QOS, INSTRUCTION_QOS, STATS_QOS, stamp_ns
-
-TIMEOUT = 60.0          # s; only reached when something is broken
-INSTRUCTION = 'pick up the black bowl and place it on the plate'
-_namespaces = itertools.count()
-
-
-class Policy:
-    """A PolicyNode in its own context, spun by a SingleThreadedExecutor on a thread."""
-
-    def __init__(self, namespace: str, **parameters) -> None:
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = PolicyNode(context=self.context, namespace=namespace, parameter_overrides=[
-            Parameter(name, value=value) for name, value in parameters.items()])
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.executor.shutdown()
-        self.node.destroy_node()
-        self.context.try_shutdown()
-        self.thread.join(timeout=10.0)
-
-
-class Camera(Node):
-    """The test side: plays camera and operator, records what the policy publishes."""
-
-    def __init__(self, context, namespace: str, hardware_id: str) -> None:
-        super().__init__('test_camera', context=context, namespace=namespace)
-        self.hardware_id = hardware_id   # /diagnostics is global: keep this policy's status
-        self.image_pub = self.create_publisher(Image, 'camera/image_raw', qos_profile_sensor_data)
-        self.instruction_pub = self.create_publisher(String, 'instruction', INSTRUCTION_QOS)
-        self.chunks: list[JointTrajectory] = []
-        self.stats: list[dict] = []
-        self.diagnostics: list[DiagnosticStatus] = []
-        self.from_policy = [
-            self.create_subscription(JointTrajectory, 'action_chunk', self.chunks.append,
-                                     CHUNK_QOS),
-            self.create_subscription(String, 'policy_stats',
-                                     lambda m: self.stats.append(json.loads(m.data)), STATS_QOS)]
-        self.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 10)
-        self.spinner = SingleThreadedExecutor(context=context)
-        self.spinner.add_node(self)
-        self.rng = np.random.default_rng(0)
-        self.parameters = AsyncParameterClient(self, f'{namespace}/rsd_policy')
-
-    def close(self) -> None:
-        self.spinner.shutdown()
-        self.destroy_node()
-
-    def _on_diagnostics(self, msg: DiagnosticArray) -> None:
-        self.diagnostics += [s for s in msg.status if s.hardware_id == self.hardware_id]
-
-    def spin_until(self, done, timeout: float = TIMEOUT) -> bool:
-        deadline = time.monotonic() + timeout
-        while not done():
-            if time.monotonic() > deadline:
-                return False
-            self.spinner.spin_once(timeout_sec=0.02)
-        return True
-
-    def connect(self, policy: 'Policy | None' = None) -> None:
-        """Wait until every endpoint is matched on both sides (or samples may be lost)."""
-        def policy_side() -> bool:
-            return policy is None or all(
-                p.get_subscription_count() for p in (policy.node._chunk_pub,
-                                                     policy.node._stats_pub))
-        assert self.spin_until(lambda: self.image_pub.get_subscription_count() > 0
-                               and self.instruction_pub.get_subscription_count() > 0
-                               and all(s.get_publisher_count() for s in self.from_policy)
-                               and self.diagnostics and policy_side()), \
-            'policy node not discovered'
-
-    def instruct(self, text: str = INSTRUCTION) -> None:
-        self.instruction_pub.publish(String(data=text))
-
-    def send(self, msg: Image | None = None, age: float = 0.0,
-             size: tuple[int, int] = (64, 80)) -> int:
-        """Publish an image (a fresh random rgb8 one by default) stamped now - age; its stamp."""
-        if msg is None:
-            msg = array_to_imgmsg(self.rng.integers(0, 256, size + (3,), dtype=np.uint8))
-        stamp = self.get_clock().now() - Duration(seconds=age)
-        msg.header.stamp = stamp.to_msg()
-        self.image_pub.publish(msg)
-        return stamp.nanoseconds
-
-    def chunk_for(self, stamp: int, timeout: float = TIMEOUT) -> tuple[JointTrajectory, dict]:
-        """Wait for the chunk and the policy_stats line of the image stamped `stamp`."""
-        def found():
-            return (any(stamp_ns(c.header.stamp) == stamp for c in self.chunks)
-                    and any(self._key(s) == stamp for s in self.stats))
-        assert self.spin_until(found, timeout), f'no chunk for the image stamped {stamp}'
-        return (next(c for c in self.chunks if stamp_ns(c.header.stamp) == stamp),
-                next(s for s in self.stats if self._key(s) == stamp))
-
-    @staticmethod
-    def _key(record: dict) -> int:
-        return record['stamp']['sec'] * 1_000_000_000 + record['stamp']['nanosec']
-
-    def value(self, key: str) -> str:
-        """`key` of the latest diagnostics status."""
-        return {kv.key: kv.value for kv in self.diagnostics[-1].values}[key]
-
-    def wait_counter(self, key: str, at_least: int) -> None:
-        """Wait until the diagnostics report counter `key` >= at_least."""
-        assert self.spin_until(lambda: self.diagnostics and int(self.value(key)) >= at_least), \
-            f'diagnostics never reported {key} >= {at_least}'
-
-    def set_parameters(self, **values):
-        future = self.parameters.set_parameters(
-            [Parameter(name, value=value) for name, value in values.items()])
-        assert self.spin_until(future.done), 'parameter service did not answer'
-        return future.result().results
-
-
-@pytest.fixture
-def run_policy(ros_context, tiny_bundle):
-    """start(**parameters) -> (Camera, Policy), connected; both torn down after the test."""
-    started = []
-
-    def start(**parameters):
-        namespace = f'/policy_test_{os.getpid()}_{next(_namespaces)}'
-        parameters = {'model_dir': str(tiny_bundle), 'draft_dir': '', 'max_image_age': 5.0,
-                      'diagnostics_period': 0.1, 'hardware_id': namespace, **parameters}
-        policy = Policy(namespace, **parameters)
-        camera = Camera(ros_context, namespace, parameters['hardware_id'] or 'cpu')
-        started.append((camera, policy))
-        camera.connect(policy)
-        return camera, policy
-
-    yield start
-    for camera, policy in started:
-        camera.close()
-        policy.close()
+from rsd_ros.topics import stamp_ns
 
 
 @pytest.fixture(scope='module')
@@ -368,7 +225,8 @@ def test_no_peer_can_widen_what_the_arm_is_commanded(run_policy):
         'max_image_age': 0.0, 'action_low': [-2.0] * 7, 'action_high': [2.0] * 7,
         'hardware_id': 'x' * 1_000_000, 'acceptance_ceiling': 'tolerance',
         'tolerance_ceiling': [1e308], 'acceptance': 'tolerance', 'tolerance': [1e308],
-        'diagnostics_period': 0.01, 'stats_window': 0,
+        'diagnostics_period': 0.01, 'stats_window': 0, 'max_instruction_bytes': 1_000_000,
+        'max_clock_skew': 60.0, 'max_state_abs': 1e6,
     }
     allowed = {'use_draft': False, 'adaptive_proposals': False}      # no change of actions
     assert set(widening) | set(allowed) == set(PARAMETERS), 'a parameter is not tried here'
@@ -480,11 +338,11 @@ def test_a_30_hz_camera_faster_than_inference_drops_frames_not_memory(
     assert max(rss) - rss[0] < 40e6, [f'{r / 1e6:.0f} MB' for r in rss]
 
 
-@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_the_node_process_shuts_down_cleanly_on_signals(tiny_bundle, sig):
     namespace = f'/policy_proc_{os.getpid()}_{sig.name}'
     process = subprocess.Popen(
-        [sys.executable, '-m', 'rsd_ros.policy_node', '--ros-args', '-r', f'__ns:={namespace}',
+        [sys.executable, '-m', 'rsd_ros.policy_main', '--ros-args', '-r', f'__ns:={namespace}',
          '-p', f'model_dir:={tiny_bundle}', '-p', "draft_dir:=''"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     context = rclpy.Context()

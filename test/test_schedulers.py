@@ -94,14 +94,16 @@ class FakeBridge:
 
 
 def realtime(bridge, **kwargs):
-    executor = RealtimeExecutor(ChunkValidator(action_names=NAMES, default_period=PERIOD))
+    executor = RealtimeExecutor(ChunkValidator(action_names=NAMES, default_period=PERIOD,
+                                               action_limit=100.0))
     scheduler = RealtimeScheduler(executor, bridge.link(), period=PERIOD,
                                   clock=lambda: bridge.clock, **kwargs)
     return scheduler, executor.counters
 
 
 def lockstep(bridge):
-    executor = LockstepExecutor(ChunkValidator(action_names=NAMES, default_period=PERIOD))
+    executor = LockstepExecutor(ChunkValidator(action_names=NAMES, default_period=PERIOD,
+                                               action_limit=100.0))
     return LockstepScheduler(executor, bridge.link()), executor.counters
 
 
