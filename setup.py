@@ -23,7 +23,8 @@ setup(
         ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
         ('share/' + package_name, ['package.xml']),
         ('share/' + package_name + '/launch', glob('launch/*.launch.xml')),
-        ('share/' + package_name + '/config', glob('config/*.yaml')),
+        # Parameter files and the Fast DDS profile (FASTDDS_DEFAULT_PROFILES_FILE).
+        ('share/' + package_name + '/config', glob('config/*.yaml') + glob('config/*.xml')),
         # The trained default bundle (main + action tokenizer + draft), found by the nodes.
         *tree('models/default', 'share/' + package_name + '/models/default'),
     ],

@@ -27,8 +27,10 @@ from rsd_core.bundle import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
     DEFAULT_ACTION_NAMES,
+    FILE_HASHES,
     MANIFEST,
     bundle_weights_sha256,
+    file_hashes,
 )
 from rsd_core.main_model import MainModel, quiet_transformers
 from rsd_core.processor import PromptProcessor, build_text_tokenizer
@@ -151,6 +153,7 @@ def write_bundle(model: MainModel, tokenizer: ActionTokenizer, out_dir: str | Pa
         'num_image_tokens': model.processor.num_image_tokens,
         'prompt_template': model.processor.prompt_template,
         'weights_sha256': weights,
+        FILE_HASHES: file_hashes(out_dir),
         'provenance': {'created': datetime.now(UTC).isoformat(timespec='seconds'),
                        'transformers_version': transformers.__version__,
                        'torch_version': torch.__version__, **provenance},

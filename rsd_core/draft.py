@@ -1,9 +1,15 @@
-"""Draft model: guesses RFSQ layers 1..K from the main model's prompt hidden state h0.
+"""Draft model v1 (the seed architecture): guesses RFSQ layers 1..K from the main model's
+prompt hidden state h0.
 
 h0 [B, H] -> input_proj (Linear H -> 512, trained, part of the checkpoint) -> K query positions
 (projected h0 + learned positional encoding) -> one pre-norm transformer decoder layer that
 cross-attends to the projected h0 -> final LayerNorm -> one classification head per position ->
 logits [B, K, C, V] for layers 1..K.
+
+Layout 'shared' holds the original system's checkpoints exactly (`rsd import-draft`): ONE
+position, projected h0 plus its positional encoding, that the decoder layer attends to as both
+target and memory (no mask), and every head reads that one vector. 'queries' (above) is what
+this project trains. Draft v2 (reads the main's features, uses its head) is `draft_v2.py`.
 
 A draft is only ever built from a validated checkpoint (`DraftModel.load`) or by training code;
 nothing else creates an input projection.
@@ -34,6 +40,7 @@ VERSION = 1
 NAME = 'draft'
 MAX_PROPOSALS = 6  # L - 2: the verification pass itself yields the layer after the last proposal
 PROJECTION_KEYS = ('input_proj.weight', 'input_proj.bias')
+LAYOUTS = ('queries', 'shared')
 
 
 @dataclass
@@ -49,6 +56,7 @@ class DraftConfig:
     codes_per_layer: int = 128
     levels: int = 7
     dropout: float = 0.0
+    layout: str = 'queries'     # LAYOUTS, see the module docstring
 
     def __post_init__(self) -> None:
         for name in ('hidden_size', 'd_model', 'n_heads', 'ffn', 'head_hidden',
@@ -63,6 +71,8 @@ class DraftConfig:
             raise ValueError(f'd_model {self.d_model} is not divisible by n_heads {self.n_heads}')
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f'DraftConfig.dropout must be in [0, 1), got {self.dropout!r}')
+        if self.layout not in LAYOUTS:
+            raise ValueError(f'DraftConfig.layout must be one of {LAYOUTS}, got {self.layout!r}')
 
     @classmethod
     def from_dict(cls, values: dict) -> 'DraftConfig':
@@ -94,11 +104,14 @@ class ProposalHead(nn.Sequential):
 class DraftModel(nn.Module):
     """Proposes RFSQ layers 1..K from h0 in one forward pass."""
 
+    rolls = False      # proposes from h0 only: one verification round per chunk
+
     def __init__(self, config: DraftConfig):
         super().__init__()
         self.config = config
         self.input_proj = nn.Linear(config.hidden_size, config.d_model)
-        self.pos_embedding = nn.Parameter(torch.randn(config.num_proposals, config.d_model) * 0.02)
+        positions = 1 if config.layout == 'shared' else config.num_proposals
+        self.pos_embedding = nn.Parameter(torch.randn(positions, config.d_model) * 0.02)
         self.decoder = nn.TransformerDecoderLayer(
             config.d_model, config.n_heads, dim_feedforward=config.ffn, dropout=config.dropout,
             activation='gelu', batch_first=True, norm_first=True)
@@ -115,11 +128,24 @@ class DraftModel(nn.Module):
     def forward(self, h0: torch.Tensor) -> torch.Tensor:
         """h0 [B, H] (main prompt hidden state) -> logits [B, K, C, V] for layers 1..K."""
         memory = self.input_proj(h0.to(self.input_proj.weight.dtype)).unsqueeze(1)  # [B, 1, d]
+        if self.config.layout == 'shared':
+            x = memory + self.pos_embedding  # [B, 1, d]
+            x = self.norm(self.decoder(x, x))[:, 0]  # [B, d], read by every head
+            logits = torch.stack([head(x) for head in self.heads], dim=1)  # [B, K, C * V]
+            return logits.unflatten(-1, (self.config.codes_per_layer, self.config.levels))
         queries = memory + self.pos_embedding  # [B, K, d]
         mask = self.causal_mask.to(queries.dtype)
         x = self.norm(self.decoder(queries, memory, tgt_mask=mask))  # [B, K, d]
         logits = torch.stack([head(x[:, k]) for k, head in enumerate(self.heads)], dim=1)
         return logits.unflatten(-1, (self.config.codes_per_layer, self.config.levels))
+
+    def proposal_logits(self, hidden: torch.Tensor, codes: torch.Tensor, layer: int,
+                        k: int) -> torch.Tensor:
+        """The engine's draft interface: logits [B, k, C, V] for layers 1..k. hidden is h0
+        [B, H]; v1 proposes only from layer 0 (codes, layer 0's, are not read)."""
+        if layer != 0:
+            raise ValueError(f'a v1 draft proposes from layer 0 only, asked for layer {layer}')
+        return self(hidden)[:, :k]
 
     @torch.no_grad()
     def propose(self, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,6 +183,9 @@ class DraftModel(nn.Module):
         weights, manifest_path = checkpoint_paths(directory)
         tensors = read_weights(weights)
         manifest = load_manifest(manifest_path, FORMAT)
+        if manifest.get('kind', 'v1') != 'v1':
+            raise CheckpointError(f'{manifest_path}: a {draft_kind(manifest)} draft, not v1; '
+                                  'load it with rsd_core.draft_v2.load_draft')
         config = manifest_config(manifest, manifest_path)
         problems = draft_problems(tensors, config, main_hidden_size)
         if problems:
@@ -262,6 +291,15 @@ def config_summary(config: DraftConfig) -> str:
             f'K={config.num_proposals}, C={config.codes_per_layer}, V={config.levels})')
 
 
+def draft_kind(manifest: dict) -> str:
+    """Which kind of draft a manifest describes: 'v1 seed', 'v1 seed, imported' or 'v2'."""
+    if manifest.get('kind', 'v1') == 'v2':
+        return 'v2'
+    provenance = manifest.get('provenance')
+    imported = isinstance(provenance, dict) and isinstance(provenance.get('imported'), dict)
+    return 'v1 seed, imported' if imported else 'v1 seed'
+
+
 def check_provenance(manifest: dict, weights: Path, main_weights_hash: str | None,
                      strict: bool) -> None:
     """Warn (or raise when strict) about a draft made for other main weights or never trained."""
@@ -272,6 +310,12 @@ def check_provenance(manifest: dict, weights: Path, main_weights_hash: str | Non
         message = (f'{weights}: draft was distilled from main weights sha256 {recorded}, but '
                    f'the main model loaded has sha256 {main_weights_hash}; acceptance may '
                    'be poor')
+        if recorded is None and isinstance(provenance.get('imported'), dict):
+            message = (f'{weights}: draft was imported from {provenance["imported"].get("source")}'
+                       ' and records no main weights sha256 (the original format has none), so '
+                       'nothing shows it was trained on the outputs of this main model '
+                       f'(sha256 {main_weights_hash}); strict provenance needs a draft '
+                       'distilled from it (rsd train-draft)')
         if strict:
             raise CheckpointError(message)
         logger.warning(message)

@@ -7,6 +7,8 @@ returns the main's logits for layers 1..K+1 (`verify`), the acceptance rule keep
 passing prefix, the main's own layer after it comes free, and the cache is cropped to what was
 kept. Ordinary steps finish the chunk: 1 + 1 + (L-2-accepted) main passes. K is chosen per
 chunk by a `SpeculationPlanner` from measured acceptance and costs (K = 0: no draft pass).
+A draft that rolls (v2, `rsd_core.draft_v2`) proposes from any layer, so steps repeat from the
+main's hidden state and codes of the last decided layer (`speculative_rounds`).
 
 Certified depth (`certified_decode`, acceptance 'bounded'): layers are decided in order and
 decoding stops at the shallowest depth m whose certificate (`ActionTokenizer.truncation_bound`,
@@ -31,6 +33,7 @@ import torch
 from rsd_core.acceptance import MODES, Verdict, accept_exact, accept_tolerance, near_ties
 from rsd_core.bundle import default_bundle_dir
 from rsd_core.draft import DraftModel
+from rsd_core.draft_v2 import FeatureDraft, load_draft
 from rsd_core.main_model import MainModel, resolve_dtype
 from rsd_core.speculation import SpeculationPlanner
 from rsd_core.stats import PHASES, ChunkStats
@@ -40,6 +43,7 @@ from rsd_core.tokenizer import ActionTokenizer, codes_to_tokens
 logger = logging.getLogger(__name__)
 
 Cache = Any     # transformers DynamicCache, owned and cropped by MainModel
+Draft = DraftModel | FeatureDraft
 # rule(prefix [B, 1, C], proposals [B, k, C], main_codes [B, k, C]) -> Verdict
 Rule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Verdict]
 # certify(codes [B, m, C]) -> (certified bound [B, T, A], actions [B, T, A]) in action units,
@@ -115,73 +119,109 @@ def prefill(main: MainModel, inputs: dict) -> tuple[Cache, torch.Tensor, torch.T
 
 
 def decode_one_layer(main: MainModel, cache: Cache, codes: torch.Tensor,
-                     layer: int) -> torch.Tensor:
-    """Feed layer `layer` (codes [B, C]); return the main's logits for layer+1, [B, C, V]."""
-    logits, _ = main.forward_layers(cache, codes[:, None], first_layer=layer)  # [B, 1, C, V]
-    return check_finite(logits[:, 0], f'main step (layer {layer + 1})')
+                     layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed layer `layer` (codes [B, C]); return the main's logits for layer+1 [B, C, V] and
+    the hidden state that chose them [B, H]."""
+    logits, hidden = main.forward_layers(cache, codes[:, None], first_layer=layer)  # [B, 1, ..]
+    return check_finite(logits[:, 0], f'main step (layer {layer + 1})'), hidden[:, 0]
 
 
 def decode_layers(main: MainModel, cache: Cache, codes: torch.Tensor, num_layers: int,
-                  timer: PhaseTimer) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                  timer: PhaseTimer) -> tuple[torch.Tensor, list[torch.Tensor], list]:
     """Greedy main steps from codes [B, l, C] (cache holds layers 0..l-2) up to num_layers.
 
-    Returns (codes [B, num_layers, C], logits of the new layers, each [B, C, V]).
+    Returns (codes [B, num_layers, C], logits of the new layers, each [B, C, V], the hidden
+    states that chose them, each [B, H]).
     """
-    new_logits = []
+    new_logits, new_hidden = [], []
     while codes.shape[1] < num_layers:
         with timer.phase('step'):
-            logits = decode_one_layer(main, cache, codes[:, -1], codes.shape[1] - 1)
+            logits, hidden = decode_one_layer(main, cache, codes[:, -1], codes.shape[1] - 1)
             codes = torch.cat([codes, greedy(logits)[:, None]], dim=1)     # [B, l+1, C]
         new_logits.append(logits)
-    return codes, new_logits
+        new_hidden.append(hidden)
+    return codes, new_logits, new_hidden
+
+
+def greedy_features(main: MainModel, inputs: dict, num_layers: int | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Main-only greedy decoding of layers 0..l-1 (l = num_layers, default every layer L),
+    keeping what it saw: (features [B, l, H], the hidden states that chose each layer
+    (features[:, 0] = h0); codes [B, l, C]; logits [B, l, C, V], that chose each layer)."""
+    cache, h0, logits0 = prefill(main, inputs)
+    depth = main.num_layers if num_layers is None else num_layers
+    codes, logits, hidden = decode_layers(main, cache, greedy(logits0)[:, None], depth,
+                                          PhaseTimer(main.device))
+    return torch.stack([h0] + hidden, dim=1), codes, torch.stack([logits0] + logits, dim=1)
 
 
 def greedy_trace(main: MainModel, inputs: dict, num_layers: int | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Main-only greedy decoding of layers 0..l-1 (l = num_layers, default every layer L),
-    keeping what it saw: (h0 [B, H], codes [B, l, C], logits [B, l, C, V], the logits that
-    chose each layer). l main passes."""
-    cache, h0, logits0 = prefill(main, inputs)
-    depth = main.num_layers if num_layers is None else num_layers
-    codes, logits = decode_layers(main, cache, greedy(logits0)[:, None], depth,
-                                  PhaseTimer(main.device))
-    return h0, codes, torch.stack([logits0] + logits, dim=1)
+    """`greedy_features` with only h0: (h0 [B, H], codes [B, l, C], logits [B, l, C, V])."""
+    features, codes, logits = greedy_features(main, inputs, num_layers)
+    return features[:, 0], codes, logits
 
 
-def propose(draft: DraftModel, h0: torch.Tensor, k: int) -> torch.Tensor:
-    """Draft codes for layers 1..k from h0 [B, H]: [B, k, C]."""
-    logits = draft(h0)[:, :k]                                     # [B, k, C, V]
+def propose(draft: Draft, hidden: torch.Tensor, codes: torch.Tensor, layer: int,
+            k: int) -> torch.Tensor:
+    """Draft codes [B, k, C] for layers layer+1..layer+k, from the main's hidden state [B, H]
+    that chose layer `layer` (h0 for layer 0) and that layer's codes [B, C]."""
+    logits = draft.proposal_logits(hidden, codes, layer, k)       # [B, k, C, V]
     return greedy(check_finite(logits, 'draft'))
 
 
-def verify(main: MainModel, cache: Cache, layer0: torch.Tensor,
-           proposals: torch.Tensor) -> torch.Tensor:
-    """ONE main pass over [layer 0, proposals 1..k]: logits for layers 1..k+1, [B, k+1, C, V]."""
-    codes = torch.cat([layer0[:, None], proposals], dim=1)       # [B, k+1, C]
-    logits, _ = main.forward_layers(cache, codes, first_layer=0)
-    return check_finite(logits, f'main verification of {proposals.shape[1]} proposals')
+def verify(main: MainModel, cache: Cache, last: torch.Tensor, proposals: torch.Tensor,
+           layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """ONE main pass over [layer `layer` (codes last [B, C]), proposals [B, k, C]]: logits for
+    layers layer+1..layer+k+1 [B, k+1, C, V] and the hidden states that chose them [B, k+1, H]."""
+    codes = torch.cat([last[:, None], proposals], dim=1)         # [B, k+1, C]
+    logits, hidden = main.forward_layers(cache, codes, first_layer=layer)
+    return check_finite(logits, f'main verification of {proposals.shape[1]} proposals'), hidden
 
 
-def speculative_decode(main: MainModel, draft: DraftModel, cache: Cache, h0: torch.Tensor,
-                       layer0: torch.Tensor, k: int, rule: Rule, timer: PhaseTimer,
-                       ) -> tuple[torch.Tensor, torch.Tensor, Verdict]:
-    """Propose k layers, verify them in one pass, keep the accepted prefix + one free layer.
+def speculative_decode(main: MainModel, draft: Draft, cache: Cache, hidden: torch.Tensor,
+                       codes: torch.Tensor, k: int, rule: Rule, timer: PhaseTimer,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Verdict]:
+    """Propose k layers after the decided ones, verify them in one pass, keep the accepted
+    prefix + one free layer.
 
-    layer0: [B, C]. Returns (codes [B, a+2, C] for layers 0..a+1, the main logits that chose
-    layers 1..a+1 [B, a+1, C, V], verdict) with the cache cropped to prompt + layers 0..a.
+    codes [B, l+1, C]: layers 0..l (the cache holds the prompt + layers 0..l-1); hidden [B, H]:
+    the main's hidden state that chose layer l. Returns (codes [B, l+a+2, C], the main logits
+    that chose layers l+1..l+a+1 [B, a+1, C, V], the main's hidden state that chose layer
+    l+a+1 [B, H], verdict) with the cache cropped to the prompt + layers 0..l+a.
     """
+    layer = codes.shape[1] - 1
     with timer.phase('draft'):
-        proposals = propose(draft, h0, k)                         # [B, k, C]
-    prompt_length = main.cache_length(cache)
+        proposals = propose(draft, hidden, codes[:, -1], layer, k)        # [B, k, C]
+    kept = main.cache_length(cache)
     with timer.phase('verify'):
-        logits = verify(main, cache, layer0, proposals)           # [B, k+1, C, V]
-        main_codes = greedy(logits)                               # [B, k+1, C]
+        logits, states = verify(main, cache, codes[:, -1], proposals, layer)  # [B, k+1, ...]
+        main_codes = greedy(logits)                                       # [B, k+1, C]
     with timer.phase('accept'):
-        verdict = rule(layer0[:, None], proposals, main_codes[:, :k])
+        verdict = rule(codes, proposals, main_codes[:, :k])
     a = verdict.accepted
-    main.crop(cache, prompt_length + 1 + a)                       # drop rejected positions
-    codes = torch.cat([layer0[:, None], proposals[:, :a], main_codes[:, a:a + 1]], dim=1)
-    return codes, logits[:, :a + 1], verdict                      # codes: [B, a+2, C]
+    main.crop(cache, kept + 1 + a)                                # drop rejected positions
+    codes = torch.cat([codes, proposals[:, :a], main_codes[:, a:a + 1]], dim=1)
+    return codes, logits[:, :a + 1], states[:, a], verdict        # codes: [B, l+a+2, C]
+
+
+def speculative_rounds(main: MainModel, draft: Draft, cache: Cache, h0: torch.Tensor,
+                       codes: torch.Tensor, k: int, rule: Rule, timer: PhaseTimer,
+                       depth: int) -> tuple[torch.Tensor, torch.Tensor, list[Verdict]]:
+    """Speculative steps from layer 0 (codes [B, 1, C]) while a proposal fits below `depth`
+    layers (one for a v1 draft), each from the main's hidden state and codes of the last
+    decided layer: its truth, also after a rejection. Returns (codes [B, m, C], the main
+    logits that chose layers 1..m-1 [B, m-1, C, V], one verdict per step)."""
+    hidden, logits, verdicts = h0, [], []
+    while not verdicts or draft.rolls:
+        k_step = min(k, depth - 1 - codes.shape[1])               # the free layer < depth
+        if k_step < 1:
+            break
+        codes, step_logits, hidden, verdict = speculative_decode(
+            main, draft, cache, hidden, codes, k_step, rule, timer)
+        logits.append(step_logits)
+        verdicts.append(verdict)
+    return codes, torch.cat(logits, dim=1), verdicts
 
 
 def certified_decode(main: MainModel, cache: Cache, codes: torch.Tensor, certify: Certifier,
@@ -198,7 +238,7 @@ def certified_decode(main: MainModel, cache: Cache, codes: torch.Tensor, certify
     while True:
         if depth > codes.shape[1]:
             with timer.phase('step'):
-                logits = decode_one_layer(main, cache, codes[:, -1], codes.shape[1] - 1)
+                logits, _ = decode_one_layer(main, cache, codes[:, -1], codes.shape[1] - 1)
                 codes = torch.cat([codes, greedy(logits)[:, None]], dim=1)     # [B, l+1, C]
             new_logits.append(logits)
         with timer.phase('certify'):
@@ -222,7 +262,7 @@ class RSDEngine:
     """
 
     def __init__(self, main: MainModel, tokenizer: ActionTokenizer,
-                 draft: DraftModel | None = None, config: EngineConfig | None = None) -> None:
+                 draft: Draft | None = None, config: EngineConfig | None = None) -> None:
         self.main, self.tokenizer, self.draft = main, tokenizer, draft
         tok = tokenizer.config
         if (main.num_layers, main.codes_per_layer, main.levels) != \
@@ -240,6 +280,8 @@ class RSDEngine:
             if draft.num_proposals > main.num_layers - 2:
                 raise ValueError(f'draft proposes {draft.num_proposals} layers; at most '
                                  f'L-2 = {main.num_layers - 2} can be verified')
+            if isinstance(draft, FeatureDraft):
+                draft.bind(main)                  # v2 reads the main's embedding and head
         config = config or EngineConfig()
         if draft is None and config.use_draft:
             logger.info('no draft model: use_draft=True ignored, decoding without a draft')
@@ -271,9 +313,7 @@ class RSDEngine:
                 draft_dir = ''
         draft = None
         if str(draft_dir):
-            draft = DraftModel.load(draft_dir, main_hidden_size=main.hidden_size,
-                                    main_weights_hash=main.weights_hash, device=device,
-                                    dtype=torch_dtype)
+            draft = load_draft(draft_dir, main, device=device, dtype=torch_dtype)
         return cls(main, tokenizer, draft, EngineConfig(**config))
 
     @property
@@ -358,7 +398,7 @@ class RSDEngine:
         bounded = config.acceptance == 'bounded'
         rule = 'exact' if bounded else config.acceptance      # how draft layers are verified
         num_layers = self.main.num_layers
-        verdict, k, bound, decided = None, 0, None, []
+        verdicts, k, bound, decided = [], 0, None, []
         with timer.phase('total'):
             with timer.phase('preprocess'):
                 inputs = self._inputs(image, instruction, proprio)
@@ -368,8 +408,9 @@ class RSDEngine:
             if config.use_draft:
                 k = self._num_proposals(config, rule, bounded)
             if k:
-                codes, logits, verdict = speculative_decode(
-                    self.main, self.draft, cache, h0, codes[:, 0], k, self._rule(config), timer)
+                codes, logits, verdicts = speculative_rounds(
+                    self.main, self.draft, cache, h0, codes, k, self._rule(config), timer,
+                    self._expected_depth if bounded else num_layers)
                 decided = list(logits.unbind(1))                  # main logits of layers 1..
             if bounded:
                 codes, (bound, actions), step_logits = certified_decode(
@@ -377,7 +418,7 @@ class RSDEngine:
                 actions = actions.float()                         # [B, T, A]
                 self._expected_depth = codes.shape[1]
             else:
-                codes, step_logits = decode_layers(self.main, cache, codes, num_layers, timer)
+                codes, step_logits, _ = decode_layers(self.main, cache, codes, num_layers, timer)
                 with timer.phase('decode'):
                     actions = self._decode(codes)                 # [B, T, A]
         elapsed = timer.elapsed_ms()
@@ -388,10 +429,14 @@ class RSDEngine:
             used_draft=bool(k), layers_decoded=codes.shape[1],
             certified_bound=None if bound is None else float(bound.max()),
             acceptance=config.acceptance if bounded or k else 'none')
-        if verdict is not None:
-            stats.layers_proposed, stats.layers_accepted = k, verdict.accepted
-            stats.accepted_by_depth, stats.max_deviation = verdict.passed, verdict.max_deviation
-        self.planner.record(rule, k, stats.layers_accepted, stats.draft_ms, stats.verify_ms,
+        if verdicts:        # proposed / accepted over every step, depths of the first
+            stats.layers_proposed = sum(len(v.passed) for v in verdicts)
+            stats.layers_accepted = sum(v.accepted for v in verdicts)
+            stats.accepted_by_depth = verdicts[0].passed
+            stats.max_deviation = max(v.max_deviation for v in verdicts)
+        steps = max(1, len(verdicts))                   # the planner models one step from 0
+        self.planner.record(rule, k, verdicts[0].accepted if verdicts else 0,
+                            stats.draft_ms / steps, stats.verify_ms / steps,
                             timer.count('step'), stats.step_ms)
         return codes, actions, stats
 

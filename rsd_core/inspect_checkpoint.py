@@ -17,9 +17,16 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 import torch
 
-from rsd_core.checkpoint import CheckpointError, load_manifest
+from rsd_core.checkpoint import CheckpointError, key_problems, load_manifest
 from rsd_core.draft import FORMAT as DRAFT_FORMAT
-from rsd_core.draft import PROJECTION_KEYS, draft_problems, manifest_config, sniff_pickle
+from rsd_core.draft import (
+    PROJECTION_KEYS,
+    draft_kind,
+    draft_problems,
+    manifest_config,
+    sniff_pickle,
+)
+from rsd_core.draft_v2 import FeatureDraft, FeatureDraftConfig
 
 BUNDLE_FORMAT = 'rsd-main-bundle'
 TOKENIZER_FORMAT = 'rsd-action-tokenizer'
@@ -159,6 +166,8 @@ def inspect_draft(directory: Path, main: dict | None) -> Component:
     manifest = read_manifest(weights.with_suffix('.json'), DRAFT_FORMAT, component)
     if tensors is None:
         return component
+    if manifest is not None and draft_kind(manifest) == 'v2':
+        return inspect_v2_draft(component, tensors, manifest, main)
     proj = tensors.get('input_proj.weight')
     component.facts['input_projection'] = {
         'present': all(k in tensors for k in PROJECTION_KEYS),
@@ -169,6 +178,7 @@ def inspect_draft(directory: Path, main: dict | None) -> Component:
             component.problems.append('input projection weights missing: '
                                       + ', '.join(k for k in PROJECTION_KEYS if k not in tensors))
         return component
+    component.facts['draft_kind'] = draft_kind(manifest)
     provenance = manifest.get('provenance') if isinstance(manifest.get('provenance'), dict) \
         else {}
     trained = provenance.get('trained')
@@ -199,6 +209,43 @@ def inspect_draft(directory: Path, main: dict | None) -> Component:
                                   '(pass --main DIR)')
     if trained is not True:
         component.warnings.append(f'manifest says the draft is not trained (trained={trained!r})')
+    return component
+
+
+def inspect_v2_draft(component: Component, tensors: dict[str, torch.Tensor], manifest: dict,
+                     main: dict | None) -> Component:
+    """A v2 draft: config, expected tensors, hidden size and weights hash of its main (it uses
+    that main's head and embedding, so a mismatch is a problem, not a warning)."""
+    component.facts['draft_kind'] = 'v2'
+    provenance = manifest.get('provenance') if isinstance(manifest.get('provenance'), dict) \
+        else {}
+    component.facts['provenance'] = provenance
+    where = Path(component.path) / 'draft.json'
+    try:
+        config = FeatureDraftConfig.from_dict(manifest.get('config'), where)
+    except CheckpointError as exc:
+        component.problems.append(str(exc))
+        return component
+    component.facts['config'] = asdict(config)
+    with torch.device('meta'):
+        shapes = {k: tuple(v.shape) for k, v in FeatureDraft(config).state_dict().items()}
+    component.problems += key_problems(tensors, shapes)
+    recorded = provenance.get('main_weights_sha256')
+    if main is None:
+        component.facts['hidden_size_compatible'] = None
+        component.warnings.append('no main model to check hidden size and provenance against '
+                                  '(pass --main DIR); a v2 draft only runs with its main')
+        return component
+    component.facts['main'] = main
+    component.facts['hidden_size_compatible'] = config.hidden_size == main['hidden_size']
+    component.facts['provenance_matches_main'] = recorded == main['weights_sha256']
+    if config.hidden_size != main['hidden_size']:
+        component.problems.append(f'made for hidden size {config.hidden_size}, main '
+                                  f'{main["dir"]} has {main["hidden_size"]}')
+    if recorded != main['weights_sha256']:
+        component.warnings.append(f'distilled from main weights sha256 {recorded}, main '
+                                  f'{main["dir"]} has {main["weights_sha256"]} (a v2 draft '
+                                  "uses its main's head: expect poor acceptance)")
     return component
 
 

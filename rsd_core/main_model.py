@@ -27,7 +27,7 @@ from torch import nn
 import torch.nn.functional as F
 from transformers import DynamicCache, LlavaConfig, LlavaForConditionalGeneration
 
-from rsd_core.bundle import load_bundle_manifest
+from rsd_core.bundle import load_bundle_manifest, verify_file_hashes
 from rsd_core.checkpoint import (
     CheckpointError,
     check_state_dict,
@@ -349,6 +349,7 @@ class MainModel(nn.Module):
                     manifest['levels'], manifest['weights_sha256'],
                     heads_proprio_names(bundle_dir))
         model.load_heads(bundle_dir)
+        verify_file_hashes(bundle_dir, manifest)       # after the checks that say more
         model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         logger.info('main model %s: hidden %d, %s on %s, weights %s', bundle_dir,
                     model.hidden_size, str(dtype).removeprefix('torch.'), device,

@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     'refit-decoder': ('rsd_core.training.decoder_refit',
                       'refit the tokenizer decoder for a tight certified depth'),
     'train-draft': ('rsd_core.training.distill', 'distil the draft model from a main model'),
+    'import-draft': ('rsd_core.training.import_draft',
+                     'import an original draft checkpoint (weights_only) as safetensors'),
     'train-policy': ('rsd_core.training.policy_cli', 'behaviour-clone the main model on demos'),
     'record-observations': ('sim_bridge.record_observations',
                             'render LIBERO initial observations for draft distillation'),

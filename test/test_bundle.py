@@ -192,3 +192,20 @@ def test_build_default_rebuilds_an_incomplete_bundle_with_a_draft(tiny_bundle, t
                             strict_provenance=True)
     assert draft is not None
     assert sorted(p.name for p in tmp_path.iterdir()) == ['bundle']
+
+
+def test_a_flipped_bit_in_any_weight_file_is_refused_naming_the_file(tiny_bundle, tmp_path):
+    import shutil
+
+    from rsd_core.checkpoint import CheckpointError
+    from rsd_core.main_model import MainModel
+
+    copy = tmp_path / 'bundle'
+    shutil.copytree(tiny_bundle, copy)
+    MainModel.from_dir(copy)                                   # intact: loads
+    weights = sorted((copy / 'backbone').glob('*.safetensors'))[0]
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=weights.name):
+        MainModel.from_dir(copy)

@@ -36,7 +36,7 @@ def test_colcon_build_installs_executables_launch_and_config(tmp_path):
     assert {p.name for p in (share / 'launch').iterdir()} == {
         p.name for p in (ROOT / 'launch').glob('*.launch.xml')}
     assert {p.name for p in (share / 'config').iterdir()} == {
-        p.name for p in (ROOT / 'config').glob('*.yaml')}
+        p.name for p in (ROOT / 'config').glob('*.*') if p.suffix in {'.yaml', '.xml'}}
     assert (share / 'package.xml').is_file()
 
     site = next((install / 'lib').glob('python3*/site-packages'))

@@ -63,6 +63,7 @@ def test_bundle_with_its_draft(tiny_bundle, main_manifest, tmp_path, capsys):
     assert draft['input_projection'] == {'present': True, 'shape': [64, 64], 'input_size': 64,
                                          'trained': True}
     assert draft['hidden_size_compatible'] is True and draft['provenance_matches_main'] is True
+    assert draft['draft_kind'] == 'v1 seed'
     names = {t['name']: t for t in components['heads']['tensors']}
     assert names['rfsq_head.proj.weight']['shape'] == [896, 64]
     assert all(t['finite'] and t['dtype'] == 'float32' for t in names.values())

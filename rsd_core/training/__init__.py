@@ -18,7 +18,9 @@ of this package). The modules, by job:
     policy_cli.py             `rsd train-policy`
     synthetic_observations.py observation directories of generated images
     draft_training.py         training a draft on recorded main tokens; its metrics
+    draft_v2_training.py      training a v2 (feature) draft on the main's greedy trajectories
     distill.py                `rsd train-draft`: record the main's greedy tokens, train the draft
+    import_draft.py           `rsd import-draft`: the original checkpoint format, weights_only
     tokenizer_fit.py          `rsd train-tokenizer`
     decoder_refit.py          `rsd refit-decoder`
     build_default.py          `rsd build-default`

@@ -5,9 +5,11 @@
    `rsd_core.training.augmentation`).
 2. Run the main model on each sample: main-only greedy decoding of layers 0..K
    (`rsd_core.engine.greedy_trace`) -> h0 and the main's own tokens for layers 1..K (exactly what
-   verification compares against).
-3. Train the whole draft on those tokens (`rsd_core.training.draft_training`): held-out split by
-   source image, early stopping on held-out loss.
+   verification compares against); for a v2 draft (`--kind v2`) every layer's codes and the
+   hidden state that chose it (`rsd_core.engine.greedy_features`).
+3. Train the whole draft on those tokens (`rsd_core.training.draft_training`; v2:
+   `rsd_core.training.draft_v2_training`): held-out split by source image, early stopping on
+   held-out loss.
 4. Report per-layer token accuracy, exact-layer match and the expected accepted prefix length on
    the held-out split, next to the untrained draft and a constant 'most frequent code' guess;
    save the draft with its provenance.
@@ -28,7 +30,8 @@ from tqdm import tqdm
 from rsd_core.bundle import default_bundle_dir
 from rsd_core.config_flags import add_dataclass_arguments, args_to_config
 from rsd_core.draft import MAX_PROPOSALS, DraftConfig
-from rsd_core.engine import greedy_trace
+from rsd_core.draft_v2 import FeatureDraftConfig
+from rsd_core.engine import greedy_features, greedy_trace
 from rsd_core.main_model import MainModel
 from rsd_core.observations import INDEX, Observation, load_image, read_observations
 from rsd_core.training import augmentation
@@ -38,8 +41,11 @@ from rsd_core.training.draft_training import (
     draft_summary_line,
     train_draft,
 )
+from rsd_core.training.draft_v2_training import FeatureRecording, train_feature_draft
 
 logger = logging.getLogger(__name__)
+
+KINDS = ('v1', 'v2')
 
 
 def sample_plan(num_sources: int, samples: int, augment_images: bool) -> list[tuple[int, int]]:
@@ -82,10 +88,41 @@ def main_greedy_targets(main: MainModel, inputs: dict, num_proposals: int,
     return h0.float(), codes[:, 1:], top2[..., 0] - top2[..., 1]
 
 
+@torch.no_grad()
+def main_trajectories(main: MainModel, inputs: dict,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Main-only greedy decoding of every layer -> (features [B, L, H], the hidden states
+    that chose each layer; codes [B, L, C]; top-1 minus top-2 logit margins [B, L, C])."""
+    features, codes, logits = greedy_features(main, inputs)
+    top2 = logits.float().topk(2, dim=-1).values  # [B, L, C, 2]
+    return features.float(), codes, top2[..., 0] - top2[..., 1]
+
+
 def record(main: MainModel, observations: list[Observation], plan: list[tuple[int, int]],
            num_proposals: int, seed: int, batch_size: int = 16,
            progress: bool = True) -> Recording:
-    """Run the main on every planned (augmented) sample, batching equal instructions."""
+    """The main's h0 and greedy tokens of layers 1..K on every planned sample (v1 drafts)."""
+    h0, tokens, margins, source = run_main(
+        main, observations, plan, seed,
+        lambda inputs: main_greedy_targets(main, inputs, num_proposals), batch_size, progress)
+    return Recording(h0=h0, tokens=tokens, margins=margins, source=source)
+
+
+def record_trajectories(main: MainModel, observations: list[Observation],
+                        plan: list[tuple[int, int]], seed: int, batch_size: int = 16,
+                        progress: bool = True) -> FeatureRecording:
+    """The main's greedy trajectories (features, codes of every layer) for v2 drafts."""
+    features, codes, margins, source = run_main(
+        main, observations, plan, seed, lambda inputs: main_trajectories(main, inputs),
+        batch_size, progress)
+    return FeatureRecording(features=features, codes=codes, margins=margins, source=source)
+
+
+def run_main(main: MainModel, observations: list[Observation], plan: list[tuple[int, int]],
+             seed: int, targets, batch_size: int = 16, progress: bool = True,
+             ) -> list[torch.Tensor]:
+    """targets(inputs) (tensors, batch first) on every planned (augmented) sample, batching
+    equal instructions; returns them stacked in plan order, then the source indices [N]."""
     by_instruction = defaultdict(list)
     for sample, (source, _) in enumerate(plan):
         by_instruction[observations[source].instruction].append(sample)
@@ -107,16 +144,14 @@ def record(main: MainModel, observations: list[Observation], plan: list[tuple[in
         inputs = main.processor(images, [sources[0].instruction] * len(batch))
         inputs.update(proprio_batch(main, sources))
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        h0, tokens, margins = main_greedy_targets(main, inputs, num_proposals)
+        results = targets(inputs)
         for row, sample in enumerate(batch):
-            out[sample] = (h0[row].cpu(), tokens[row].cpu(), margins[row].cpu())
+            out[sample] = [result[row].cpu() for result in results]
         bar.update(len(batch))
     bar.close()
     order = range(len(plan))
-    return Recording(h0=torch.stack([out[i][0] for i in order]),
-                     tokens=torch.stack([out[i][1] for i in order]),
-                     margins=torch.stack([out[i][2] for i in order]),
-                     source=torch.tensor([plan[i][0] for i in order]))
+    return [torch.stack([out[i][j] for i in order]) for j in range(len(out[0]))] \
+        + [torch.tensor([plan[i][0] for i in order])]
 
 
 def margin_summary(margins: torch.Tensor) -> dict:
@@ -131,15 +166,20 @@ def distill_draft(main_dir: str | Path, observations_dir: str | Path, out_dir: s
                   seed: int = 0,
                   progress: bool = True, augment_images: bool = True,
                   device: str = 'cpu', strict: bool = False,
-                  train: TrainConfig | None = None, draft_sizes: dict | None = None) -> dict:
+                  train: TrainConfig | None = None, draft_sizes: dict | None = None,
+                  kind: str = 'v1') -> dict:
     """Distil a draft for the main bundle at main_dir and save it to out_dir; return metrics.
 
     samples: number of (augmented) samples recorded, cycling over the source images (copy 0 of
     each image is unaugmented). epochs: overrides train.epochs when given. strict: refuse malformed
     observations instead of skipping them, and refuse to save a draft whose held-out loss is
     not below its untrained initialisation's. draft_sizes: DraftConfig overrides (d_model, ffn,
-    n_heads, head_hidden) for small test drafts; the default is the reference architecture.
+    n_heads, head_hidden; v2: FeatureDraftConfig's d_model, n_heads, ffn) for small test
+    drafts; the default is the reference architecture. kind: 'v1' (the seed architecture, from
+    h0) or 'v2' (reads the main's features, uses its head: rsd_core.draft_v2).
     """
+    if kind not in KINDS:
+        raise ValueError(f'draft kind must be one of {KINDS}, got {kind!r}')
     train = train or TrainConfig()
     train = train if epochs is None else replace(train, epochs=epochs)
     if not 1 <= num_proposals <= MAX_PROPOSALS:
@@ -154,16 +194,27 @@ def distill_draft(main_dir: str | Path, observations_dir: str | Path, out_dir: s
     main = MainModel.from_dir(main_dir, device=device, dtype=torch.float32)
     main.eval()
     plan = sample_plan(len(observations), samples, augment_images)
-    recording = record(main, observations, plan, num_proposals, seed, progress=progress)
+    sizes = dict(num_proposals=num_proposals, codes_per_layer=main.codes_per_layer,
+                 levels=main.levels, dropout=train.dropout, **(draft_sizes or {}))
+    if kind == 'v2':
+        recording = record_trajectories(main, observations, plan, seed, progress=progress)
+        margins = recording.margins[:, 1:1 + num_proposals]           # [N, K, C]
+    else:
+        recording = record(main, observations, plan, num_proposals, seed, progress=progress)
+        margins = recording.margins
     record_s = time.perf_counter() - started
-    config = DraftConfig(hidden_size=main.hidden_size, num_proposals=num_proposals,
-                         codes_per_layer=main.codes_per_layer, levels=main.levels,
-                         dropout=train.dropout, **(draft_sizes or {}))
-    model, metrics = train_draft(recording, config, train, seed=seed, device=device,
-                                 progress=progress)
-    metrics.update(record_seconds=record_s,
+    if kind == 'v2':
+        config = FeatureDraftConfig(hidden_size=main.hidden_size, num_layers=main.num_layers,
+                                    **sizes)
+        model, metrics = train_feature_draft(recording, main, config, train, seed=seed,
+                                             device=device, progress=progress)
+    else:
+        config = DraftConfig(hidden_size=main.hidden_size, **sizes)
+        model, metrics = train_draft(recording, config, train, seed=seed, device=device,
+                                     progress=progress)
+    metrics.update(kind=kind, record_seconds=record_s,
                    train_seconds=time.perf_counter() - started - record_s,
-                   main_margins=margin_summary(recording.margins))
+                   main_margins=margin_summary(margins))
     if strict and not metrics['held_out']['loss'] < metrics['untrained_held_out']['loss']:
         raise RuntimeError(f'distilled draft is no better than untrained on held-out data '
                            f'(loss {metrics["held_out"]["loss"]:.4f} vs '
@@ -214,6 +265,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='observation directory (index.jsonl + images/)')
     parser.add_argument('--out', default=None, help='draft output directory (default: '
                         '<model>/draft)')
+    parser.add_argument('--kind', choices=KINDS, default='v1',
+                        help="'v1': the seed architecture, from h0; 'v2': reads the main's "
+                             'features and uses its head (EAGLE-style)')
     parser.add_argument('--num-proposals', type=int, default=3,
                         help='K, layers the draft proposes (1..6)')
     parser.add_argument('--samples', type=int, default=1024,
@@ -238,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
                                 num_proposals=args.num_proposals, samples=args.samples,
                                 seed=args.seed, augment_images=args.augment,
                                 device=args.device, strict=args.strict,
-                                train=args_to_config(args, TrainConfig))
+                                train=args_to_config(args, TrainConfig), kind=args.kind)
     except (ValueError, RuntimeError) as exc:
         logger.error('%s', exc)
         return 1
