@@ -219,9 +219,9 @@ class PolicyNode(LifecycleNode):
         if self.stop_worker(10.0):
             self.get_logger().warning('inference still running at shutdown; not waiting')
         self._worker = None
+        destroy = {'Publisher': self.destroy_publisher, 'Subscription':
+                   self.destroy_subscription, 'Timer': self.destroy_timer}
         for entity in self._entities:
-            destroy = {'Publisher': self.destroy_publisher, 'Subscription':
-                       self.destroy_subscription, 'Timer': self.destroy_timer}
             destroy[type(entity).__name__](entity)
         self._entities, self._engine = [], None
 

@@ -122,8 +122,8 @@ def test_a_failed_configure_reports_and_stays_unconfigured(managed, tmp_path):
     assert policy.node._engine is None
 
 
-def test_franka_joint_names_are_mapped_onto_the_model(run_franka):
-    camera, policy = run_franka(state_joint_names=list(FRANKA))
+def test_franka_joint_names_are_mapped_onto_the_model(run_policy, proprio_bundle):
+    camera, policy = run_policy(model_dir=str(proprio_bundle), state_joint_names=list(FRANKA))
     joints = camera.create_publisher(JointState, 'joint_states', SENSOR_QOS)
     assert camera.spin_until(lambda: joints.get_subscription_count() > 0)
     camera.instruct()
@@ -144,25 +144,6 @@ def test_franka_joint_names_are_mapped_onto_the_model(run_franka):
     assert camera.spin_until(lambda: list(policy.node._mailbox.joints.name) == list(FRANKA[:2]))
     camera.send()
     camera.wait_counter('no state', 1)
-
-
-@pytest.fixture
-def run_franka(ros_context, proprio_bundle):
-    started = []
-
-    def start(**parameters):
-        ns = namespace()
-        policy = Policy(ns, model_dir=str(proprio_bundle), draft_dir='', max_image_age=5.0,
-                        diagnostics_period=0.1, hardware_id=ns, **parameters)
-        camera = Camera(ros_context, ns, ns)
-        started.append((camera, policy))
-        camera.connect(policy)
-        return camera, policy
-
-    yield start
-    for camera, policy in started:
-        camera.close()
-        policy.close()
 
 
 def test_a_mapping_of_the_wrong_length_is_refused_naming_what_the_model_needs(

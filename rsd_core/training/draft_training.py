@@ -8,6 +8,7 @@ layer: token accuracy, exact-layer match (all C codes equal, what exact acceptan
 the expected accepted prefix length, next to the untrained draft and the constant guess.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 import logging
 import math
@@ -126,49 +127,13 @@ def train_draft(recording: Recording, config: DraftConfig, train: TrainConfig, s
     h0_held, tokens_held = h0[held_idx], tokens[held_idx]
     weights = layer_weights(config.num_proposals, train.layer_decay).to(device)
     untrained = evaluate_draft(model, h0_held, tokens_held, weights, train.label_smoothing)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr,
-                                  weight_decay=train.weight_decay)
-    steps_per_epoch = math.ceil(len(train_idx) / train.batch_size)
-    total_steps = train.epochs * steps_per_epoch
-    warmup = max(1, round(train.warmup_frac * total_steps))
-    scheduler = warmup_cosine(optimizer, total_steps, warmup)
-    generator = torch.Generator().manual_seed(seed)
-    best = {'loss': math.inf}
-    best_state, best_epoch, history = None, 0, []
-    bar = tqdm(range(1, train.epochs + 1), desc='training draft', unit='epoch',
-               disable=not progress)
-    for epoch in bar:
-        model.train()
-        total = 0.0
-        for batch in torch.randperm(len(train_idx), generator=generator).split(train.batch_size):
-            batch = batch.to(device)
-            logits = model(h0_train[batch])  # [b, K, C, V]
-            loss = (weights * layer_cross_entropy(logits, tokens_train[batch],
-                                                  train.label_smoothing)).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            total += loss.item() * len(batch)
-        held = evaluate_draft(model, h0_held, tokens_held, weights, train.label_smoothing)
-        history.append({'epoch': epoch, 'train_loss': total / len(train_idx),
-                        'held_out_loss': held['loss'], 'held_out_exact': held['exact_match']})
-        bar.set_postfix(train=f'{total / len(train_idx):.3f}', held=f'{held["loss"]:.3f}',
-                        acc=f'{held["token_accuracy"][0]:.3f}')
-        if held['loss'] < best['loss'] - 1e-4:
-            best, best_epoch = held, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        elif epoch - best_epoch >= train.patience:
-            logger.info('early stop at epoch %d: held-out loss last improved at epoch %d',
-                        epoch, best_epoch)
-            break
-    bar.close()
-    if best_state is None:
-        raise RuntimeError(f'draft training diverged: held-out loss {held["loss"]} never '
-                           'improved on inf (try a lower learning rate)')
-    model.load_state_dict(best_state)
-    model.eval()
+    best, best_epoch, history = fit_with_early_stopping(
+        model, len(train_idx),
+        lambda batch: (weights * layer_cross_entropy(model(h0_train[batch]),     # [b, K, C, V]
+                                                     tokens_train[batch],
+                                                     train.label_smoothing)).sum(),
+        lambda: evaluate_draft(model, h0_held, tokens_held, weights, train.label_smoothing),
+        train, seed, device, 'training draft', progress)
     metrics = {
         'held_out': best,
         'train': evaluate_draft(model, h0_train, tokens_train, weights, train.label_smoothing),
@@ -183,6 +148,58 @@ def train_draft(recording: Recording, config: DraftConfig, train: TrainConfig, s
         'held_out_sources': int(recording.source[held_idx].unique().numel()),
     }
     return model, metrics
+
+
+def fit_with_early_stopping(model: torch.nn.Module, num_train: int,
+                            batch_loss: Callable[[torch.Tensor], torch.Tensor],
+                            held_out: Callable[[], dict], train: TrainConfig, seed: int,
+                            device: str | torch.device, desc: str,
+                            progress: bool) -> tuple[dict, int, list[dict]]:
+    """The epochs of a draft's training: AdamW with warm-up + cosine over shuffled batches of
+    the `num_train` training samples (`batch_loss(indices [b])` -> scalar loss), the held-out
+    metrics (`held_out()`, with 'loss', 'exact_match', 'token_accuracy') after each epoch, the
+    weights of the best held-out loss kept, and a stop after `train.patience` epochs without
+    improvement. Returns (best held-out metrics, best epoch, per-epoch history); `model` ends
+    with the best weights, in eval mode. RuntimeError if the held-out loss never improved."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr,
+                                  weight_decay=train.weight_decay)
+    total_steps = train.epochs * math.ceil(num_train / train.batch_size)
+    scheduler = warmup_cosine(optimizer, total_steps,
+                              max(1, round(train.warmup_frac * total_steps)))
+    generator = torch.Generator().manual_seed(seed)
+    best, best_state, best_epoch, history = {'loss': math.inf}, None, 0, []
+    bar = tqdm(range(1, train.epochs + 1), desc=desc, unit='epoch', disable=not progress)
+    for epoch in bar:
+        model.train()
+        total = 0.0
+        for batch in torch.randperm(num_train, generator=generator).split(train.batch_size):
+            batch = batch.to(device)
+            loss = batch_loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(batch)
+        held = held_out()
+        history.append({'epoch': epoch, 'train_loss': total / num_train,
+                        'held_out_loss': held['loss'], 'held_out_exact': held['exact_match']})
+        bar.set_postfix(train=f'{total / num_train:.3f}', held=f'{held["loss"]:.3f}',
+                        acc=f'{held["token_accuracy"][0]:.3f}')
+        if held['loss'] < best['loss'] - 1e-4:
+            best, best_epoch = held, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif epoch - best_epoch >= train.patience:
+            logger.info('early stop at epoch %d: held-out loss last improved at epoch %d',
+                        epoch, best_epoch)
+            break
+    bar.close()
+    if best_state is None:
+        raise RuntimeError(f'{desc}: diverged, held-out loss {held["loss"]} never improved on '
+                           'inf (try a lower learning rate)')
+    model.load_state_dict(best_state)
+    model.eval()
+    return best, best_epoch, history
 
 
 def draft_summary_line(metrics: dict) -> str:

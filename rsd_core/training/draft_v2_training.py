@@ -15,22 +15,20 @@ adds the next-layer accuracy and exact match of a one-step roll from every start
 
 from dataclasses import dataclass
 import logging
-import math
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from rsd_core.draft_v2 import FeatureDraft, FeatureDraftConfig
 from rsd_core.training.draft_training import (
     TrainConfig,
     acceptance_metrics,
     constant_guess_metrics,
+    fit_with_early_stopping,
     layer_weights,
     split_by_source,
 )
 from rsd_core.training.objective import layer_cross_entropy
-from rsd_core.training.schedule import warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -106,48 +104,16 @@ def train_feature_draft(recording: FeatureRecording, main: torch.nn.Module,
     weights = layer_weights(config.num_proposals, train.layer_decay).to(device)
     smoothing = train.label_smoothing
     untrained = evaluate_feature_draft(model, f_held, c_held, weights, smoothing)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr,
-                                  weight_decay=train.weight_decay)
-    steps_per_epoch = math.ceil(len(train_idx) / train.batch_size)
-    total_steps = train.epochs * steps_per_epoch
-    scheduler = warmup_cosine(optimizer, total_steps, max(1, round(train.warmup_frac
-                                                                  * total_steps)))
-    generator = torch.Generator().manual_seed(seed)
     starts = range(config.num_layers - 1)
-    best, best_state, best_epoch, history = {'loss': math.inf}, None, 0, []
-    bar = tqdm(range(1, train.epochs + 1), desc='training v2 draft', unit='epoch',
-               disable=not progress)
-    for epoch in bar:
-        model.train()
-        total = 0.0
-        for batch in torch.randperm(len(train_idx), generator=generator).split(train.batch_size):
-            batch = batch.to(device)
-            f, c = f_train[batch], c_train[batch]
-            loss = sum(roll_loss(model, f, c, s, weights, smoothing) for s in starts) \
-                / len(starts)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            total += loss.item() * len(batch)
-        held = evaluate_feature_draft(model, f_held, c_held, weights, smoothing)
-        history.append({'epoch': epoch, 'train_loss': total / len(train_idx),
-                        'held_out_loss': held['loss'], 'held_out_exact': held['exact_match']})
-        bar.set_postfix(train=f'{total / len(train_idx):.3f}', held=f'{held["loss"]:.3f}',
-                        acc=f'{held["token_accuracy"][0]:.3f}')
-        if held['loss'] < best['loss'] - 1e-4:
-            best, best_epoch = held, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        elif epoch - best_epoch >= train.patience:
-            logger.info('early stop at epoch %d: held-out loss last improved at epoch %d',
-                        epoch, best_epoch)
-            break
-    bar.close()
-    if best_state is None:
-        raise RuntimeError('v2 draft training diverged: held-out loss never improved')
-    model.load_state_dict(best_state)
-    model.eval()
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+        f, c = f_train[batch], c_train[batch]
+        return sum(roll_loss(model, f, c, s, weights, smoothing) for s in starts) / len(starts)
+
+    best, best_epoch, history = fit_with_early_stopping(
+        model, len(train_idx), batch_loss,
+        lambda: evaluate_feature_draft(model, f_held, c_held, weights, smoothing),
+        train, seed, device, 'training v2 draft', progress)
     k = config.num_proposals
     metrics = {
         'held_out': best,

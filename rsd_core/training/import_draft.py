@@ -9,7 +9,7 @@ GELU -> LayerNorm -> 128 x 7), `optimizer_state_dict`, `epoch`, `val_accuracy`.
 Reading: `torch.load(weights_only=True)` and nothing else. Its unpickler builds only tensors,
 numbers, strings and containers; a file that names any other Python object (a class, a function,
 a `__reduce__` payload) is refused before that object is built, so nothing in it runs. The
-original loader used `weights_only=False`, which runs whatever the file says.
+original loader unpickled without that restriction, which runs whatever the file says.
 
 The original forward reads ONE position: x = input_projection(h0) + position_encoding[0], then
 decoder_layer(x, x) (self- and cross-attention to itself, no mask), output_norm, and every head
