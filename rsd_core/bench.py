@@ -11,7 +11,8 @@ deviation of tolerance and bounded from main-only (action units) beside bounded'
 the physical limit (prefill only / main-only: no layer step can do better), the cost model
 P + (L-1)d vs P + D + v + (L-2-K)d with the measured times, the achieved weight bandwidth
 (weight bytes x main passes / time) as gpt-fast reports it, and the per-layer report
-(rsd_core.layer_report).
+(rsd_core.layer_report). With `--batch N`, batches of 1, 2, 4, .. N inputs in one mode
+(rsd_core.batch_bench).
 """
 
 import argparse
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rsd_core.batch_bench import batch_table, batch_throughput
 from rsd_core.engine import RSDEngine
 from rsd_core.layer_report import format_layer_report, layer_report
 from rsd_core.observations import load_image, read_observations
@@ -72,6 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--threads', type=int, default=None,
                         help='torch CPU threads (default: torch default); on a CPU shared with '
                              'other work, 1 gives much steadier numbers')
+    parser.add_argument('--batch', type=int, default=0, metavar='N',
+                        help='also decode batches of 1, 2, 4, .. N inputs (several arms sharing '
+                             'one model): chunks/s and latency per batch size (default 0: off)')
+    parser.add_argument('--batch-mode', default='main_only', choices=tuple(MODES),
+                        help='decoding mode of the batch runs (default main_only)')
     parser.add_argument('--json', action='store_true', help='print the results as JSON')
     parser.add_argument('--plot', default='results/bench_latency.png',
                         help="latency breakdown chart path ('' = none)")
@@ -173,8 +180,8 @@ def bench(args: argparse.Namespace) -> dict:
     Latencies in ms, deviations in action units, bandwidth in GB/s. `args.threads` (torch CPU
     threads) applies only while the benchmark runs; the previous setting is restored.
     """
-    if args.num_inputs < 1 or args.warmup < 0:
-        raise ValueError('--num-inputs must be >= 1 and --warmup >= 0')
+    if args.num_inputs < 1 or args.warmup < 0 or args.batch < 0:
+        raise ValueError('--num-inputs must be >= 1, --warmup and --batch >= 0')
     with torch_threads(args.threads or None):
         return _bench(args)
 
@@ -205,6 +212,13 @@ def _bench(args: argparse.Namespace) -> dict:
     num_layers = engine.main.num_layers
     bytes_ = weight_bytes(engine.main)
     others = [name for name in MODES if name != 'main_only']
+    batch = {}
+    if args.batch:
+        engine.update_config(**MODES[args.batch_mode])
+        logger.info('batches of up to %d inputs (%s)', args.batch, args.batch_mode)
+        batch = {'batch_mode': args.batch_mode,
+                 'batch': batch_throughput(engine, inputs, args.batch, len(inputs),
+                                           args.warmup)}
     return {
         'model': str(args.model or 'default bundle'), 'draft': str(args.draft or 'bundle draft'),
         'device': str(engine.device), 'dtype': args.dtype, 'threads': torch.get_num_threads(),
@@ -228,6 +242,7 @@ def _bench(args: argparse.Namespace) -> dict:
                            / (s['latency_ms']['total']['mean'] * 1e-3) / 1e9
                            for name, s in summaries.items()},
         'layers': layer_report(engine, inputs),
+        **batch,
     }
 
 
@@ -308,6 +323,9 @@ def table(result: dict) -> str:
                  f"{c['speculative_all_accepted_ms']:.1f} (all accepted), "
                  f"{c['speculative_measured_acceptance_ms']:.1f} (measured acceptance)")
     lines += ['', format_layer_report(result['layers'])]
+    if 'batch' in result:
+        lines += ['', f"batches ({result['batch_mode']}, each chunk's latency is its batch "
+                      "call's):", batch_table(result['batch'])]
     return '\n'.join(lines)
 
 

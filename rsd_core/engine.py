@@ -15,12 +15,15 @@ decoding stops at the shallowest depth m whose certificate (`ActionTokenizer.tru
 over every code of layers m..L-1) is within the tolerance, so the chunk differs from main-only
 decoding by at most the tolerance in every action value. The decoder runs in float64.
 
+Batches (`predict_batch`): B inputs share every main pass; a draft layer is kept only where it
+passes for every row, and bounded decoding stops where every row is certified.
+
 Shapes: B batch (1 in `predict`), L layers, C codes per layer, V levels, H hidden size,
 T chunk steps, A action dims, k proposals.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 import functools
 import logging
 from pathlib import Path
@@ -30,10 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from rsd_core.acceptance import MODES, Verdict, accept_exact, accept_tolerance, near_ties
+from rsd_core.acceptance import Verdict, accept_exact, accept_tolerance, near_ties
 from rsd_core.bundle import default_bundle_dir
+from rsd_core.certified_depth import Certifier, depth_certifier
 from rsd_core.draft import DraftModel
 from rsd_core.draft_v2 import FeatureDraft, load_draft
+from rsd_core.engine_config import EngineConfig
 from rsd_core.main_model import MainModel, resolve_dtype
 from rsd_core.speculation import SpeculationPlanner
 from rsd_core.stats import PHASES, ChunkStats
@@ -46,56 +51,10 @@ Cache = Any     # transformers DynamicCache, owned and cropped by MainModel
 Draft = DraftModel | FeatureDraft
 # rule(prefix [B, 1, C], proposals [B, k, C], main_codes [B, k, C]) -> Verdict
 Rule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Verdict]
-# certify(codes [B, m, C]) -> (certified bound [B, T, A], actions [B, T, A]) in action units,
-# or None when depth m cannot be certified within the tolerance
-Certifier = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]
-# Relative rounding of the float32 cast of a float64 result (one half ulp each, two results).
-CAST_ROUNDING = 2.0 ** -23
 
 
 class NonFiniteLogitsError(RuntimeError):
     """A model produced NaN/Inf logits; decoding them would give garbage actions."""
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Runtime switches of the engine. Frozen: change with `RSDEngine.update_config`.
-
-    acceptance: 'exact' | 'tolerance' (rules for draft layers) | 'bounded' (certified depth;
-        a draft, if used, is verified exactly on the layers decoded).
-    tolerance: action units, one value for every dimension or one per dimension (tolerance and
-        bounded modes).
-    num_proposals: most layers the draft proposes per chunk, 1..draft K (None = the draft's K).
-    adaptive: choose the number of proposals per chunk (0..num_proposals) from measured
-        acceptance and costs; False always proposes num_proposals.
-    """
-
-    use_draft: bool = True
-    acceptance: str = 'exact'
-    tolerance: float | tuple[float, ...] = 0.05
-    num_proposals: int | None = None
-    adaptive: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ('use_draft', 'adaptive'):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f'{name} must be a bool, got {getattr(self, name)!r}')
-        if self.acceptance not in MODES:
-            raise ValueError(f'acceptance must be one of {MODES}, got {self.acceptance!r}')
-        try:
-            values = np.atleast_1d(np.asarray(self.tolerance, dtype=np.float64))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f'tolerance must be numbers in action units, got '
-                             f'{self.tolerance!r}') from exc
-        if values.ndim != 1 or not values.size or not (np.isfinite(values).all()
-                                                       and (values >= 0).all()):
-            raise ValueError(f'tolerance must be one value or one per action dim, finite and '
-                             f'>= 0 (action units), got {self.tolerance!r}')
-        values = tuple(float(v) for v in values)
-        object.__setattr__(self, 'tolerance', values[0] if len(values) == 1 else values)
-        k = self.num_proposals
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
-            raise ValueError(f'num_proposals must be None or an integer >= 1, got {k!r}')
 
 
 def check_finite(logits: torch.Tensor, where: str) -> torch.Tensor:
@@ -362,8 +321,34 @@ class RSDEngine:
             config = self._checked(replace(config, use_draft=use_draft))
         check_instruction(instruction)            # the image: by the processor, once
         state = self._check_proprio(proprio)
-        codes, actions, stats = self._run(image, instruction, state, config)
+        codes, actions, stats = self._run([image], [instruction], state, config)
         return codes[0].cpu(), actions[0].float().cpu().numpy(), stats
+
+    def predict_batch(self, images: list[np.ndarray], instructions: list[str],
+                      proprios: list[np.ndarray] | None = None, use_draft: bool | None = None,
+                      ) -> tuple[np.ndarray, ChunkStats]:
+        """B chunks decoded as one batch: the prefill and every layer step run over all B
+        inputs; prompts of different lengths are left-padded and masked. Returns (actions
+        [B, T, A] float32 in action units, the batch's stats). Per row, the mode's guarantee
+        holds: main-only and exact give each row's greedy codes (a draft layer is kept only
+        where it passes for every row), bounded stops at the shallowest depth certified for
+        every row. Each row's result equals its `predict` up to float rounding."""
+        if not isinstance(images, (list, tuple)) or not images or \
+                len(images) != len(instructions):
+            raise ValueError('expected equal, non-empty lists of images and instructions')
+        config = self._config
+        if use_draft is not None:
+            config = self._checked(replace(config, use_draft=use_draft))
+        for instruction in instructions:
+            check_instruction(instruction)
+        state = None
+        if self.proprio_names:
+            if proprios is None or len(proprios) != len(images):
+                raise ValueError(f'the main model takes proprioception: pass one proprio '
+                                 f'[{len(self.proprio_names)}] per image')
+            state = torch.cat([self._check_proprio(p) for p in proprios])     # [B, P]
+        _, actions, stats = self._run(list(images), list(instructions), state, config)
+        return actions.float().cpu().numpy(), stats
 
     @torch.inference_mode()
     def trace(self, image: np.ndarray, instruction: str, proprio: np.ndarray | None = None,
@@ -371,7 +356,7 @@ class RSDEngine:
         """Main-only greedy decoding of one input with what it saw (`greedy_trace`): (h0 [H],
         codes [L, C], logits [L, C, V]), on the engine's device."""
         check_instruction(instruction)
-        inputs = self._inputs(image, instruction, self._check_proprio(proprio))
+        inputs = self._inputs([image], [instruction], self._check_proprio(proprio))
         h0, codes, logits = greedy_trace(self.main, inputs)
         return h0[0], codes[0], logits[0]
 
@@ -392,8 +377,9 @@ class RSDEngine:
         return torch.from_numpy(state)[None]  # [1, P]
 
     @torch.inference_mode()
-    def _run(self, image: np.ndarray, instruction: str, proprio: torch.Tensor | None,
-             config: EngineConfig) -> tuple[torch.Tensor, torch.Tensor, ChunkStats]:
+    def _run(self, images: list[np.ndarray], instructions: list[str],
+             proprio: torch.Tensor | None, config: EngineConfig,
+             ) -> tuple[torch.Tensor, torch.Tensor, ChunkStats]:
         timer = PhaseTimer(self.device)
         bounded = config.acceptance == 'bounded'
         rule = 'exact' if bounded else config.acceptance      # how draft layers are verified
@@ -401,7 +387,7 @@ class RSDEngine:
         verdicts, k, bound, decided = [], 0, None, []
         with timer.phase('total'):
             with timer.phase('preprocess'):
-                inputs = self._inputs(image, instruction, proprio)
+                inputs = self._inputs(images, instructions, proprio)
             with timer.phase('prefill'):
                 cache, h0, logits0 = prefill(self.main, inputs)
                 codes = greedy(logits0)[:, None]                  # [B, 1, C]
@@ -450,40 +436,18 @@ class RSDEngine:
         return self.planner.choose(rule, k_max, needed)
 
     def _certifier(self, config: EngineConfig) -> Certifier:
-        """certify(codes [B, m, C]): (bound, actions) when the bound is within the tolerance,
-        else None; the actions are decoded from the m layers (float64). Below the tokenizer's
-        coarse layers (where the certificate depends on the input and costs ~2 ms) a witness,
-        actual codes that move an action by more than the tolerance, rules a depth out first.
-        The float32 cast of this result and of main-only's adds its rounding to the bound."""
-        tokenizer, certificates = self.tokenizer, self.certificates
-        latent_dim, num_layers = tokenizer.config.latent_dim, tokenizer.config.num_layers
-        tolerance = torch.as_tensor(config.tolerance, dtype=torch.float64, device=self.device)
-
-        def certify(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-            depth = codes.shape[1]
-            z, u = tokenizer.decoder_inputs(codes_to_tokens(codes, latent_dim), depth)
-            if depth < certificates.mlp_layers and \
-                    bool((certificates.witness(z, u, depth) > tolerance).any()):
-                return None
-            actions = tokenizer.decode_latent(z, u)               # [B, T, A]
-            if depth == num_layers:
-                return torch.zeros_like(actions), actions
-            bound = certificates.bound(z if u is None else u, depth)
-            bound = bound + CAST_ROUNDING * (actions.abs() + bound) + 1e-12
-            return (bound, actions) if bool((bound <= tolerance).all()) else None
-
-        return certify
+        return depth_certifier(self.tokenizer, self.certificates, config.tolerance, self.device)
 
     @property
     def device(self) -> torch.device:
         """The device the main model (and so every input) is on."""
         return self.main.device
 
-    def _inputs(self, image: np.ndarray, instruction: str, proprio: torch.Tensor | None,
-                ) -> dict:
-        inputs = self.main.processor([image], [instruction])
+    def _inputs(self, images: list[np.ndarray], instructions: list[str],
+                proprio: torch.Tensor | None) -> dict:
+        inputs = self.main.processor(images, instructions, pad=len(images) > 1)
         if proprio is not None:
-            inputs['proprio'] = proprio                           # [1, P]
+            inputs['proprio'] = proprio                           # [B, P]
         return {key: value.to(self.device) for key, value in inputs.items()}
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,13 @@ DTYPES = {'float32': torch.float32, 'float64': torch.float64, 'bfloat16': torch.
           'float16': torch.float16}
 
 
+class PromptCache(DynamicCache):
+    """The KV cache of one prefill; `pad` [B] long counts each row's left padding when the
+    prompts of a batch had different lengths (None otherwise)."""
+
+    pad: torch.Tensor | None = None
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """'float32' | 'float64' | 'bfloat16' | 'float16' (or the torch dtype) -> torch dtype."""
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
@@ -177,27 +184,48 @@ class MainModel(nn.Module):
         Returns (cache holding the prompt's S (+1 state) positions, h0 [B, H], logits of
         layer 0 [B, C, V]).
         """
-        embeds, pixel_values = self.embed_prompt(inputs)  # [B, S', H]
-        cache = DynamicCache(config=self.backbone.config)
+        embeds, pixel_values, mask = self.embed_prompt(inputs)  # [B, S', H], .., [B, S']
+        cache = PromptCache(config=self.backbone.config)
+        padded = {}
+        if mask is not None:       # left padding: masked, positions from each prompt's start
+            cache.pad = (mask.shape[1] - mask.sum(dim=1)).to(self.device)  # [B]
+            padded = {'attention_mask': mask,
+                      'position_ids': (mask.cumsum(dim=1) - 1).clamp(min=0)}  # [B, S']
         out = self.backbone.model(inputs_embeds=embeds, pixel_values=pixel_values,
-                                  past_key_values=cache, use_cache=True)
+                                  past_key_values=cache, use_cache=True, **padded)
         h0 = out.last_hidden_state[:, -1]  # [B, H]
         return cache, h0, self.rfsq_head(h0)  # logits0: [B, C, V]
 
-    def embed_prompt(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Validated inputs -> (prompt embeddings [B, S', H], pixel_values [B, 3, I, I]).
+    def embed_prompt(self, inputs: dict,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Validated inputs -> (prompt embeddings [B, S', H], pixel_values [B, 3, I, I],
+        attention mask [B, S'] long of a left-padded batch, else None).
 
-        S' = S, or S + 1 with the state embedding inserted after the image placeholders. LLaVA
-        finds the placeholders by comparing embeddings with the <image> embedding and puts the
-        projected vision features there.
+        S' = S, or S + 1 with the state embedding inserted after the image placeholders (after
+        each row's padding). LLaVA finds the placeholders by comparing embeddings with the
+        <image> embedding and puts the projected vision features there.
         """
         input_ids, pixel_values, state = self._check_inputs(inputs)
+        mask = inputs.get('attention_mask')
+        if mask is not None:
+            mask = mask.to(self.device)                                   # [B, S]
+            if mask.shape != input_ids.shape:
+                raise ValueError(f'attention_mask {list(mask.shape)} does not match input_ids '
+                                 f'{list(input_ids.shape)}')
+            mask = None if bool(mask.all()) else mask
         embeds = self.backbone.model.get_input_embeddings()(input_ids)  # [B, S, H]
         if self.proprio is not None:
-            at = 1 + self.processor.num_image_tokens
-            embeds = torch.cat([embeds[:, :at], self.proprio(state).to(embeds.dtype),
-                                embeds[:, at:]], dim=1)  # [B, S + 1, H]
-        return embeds, pixel_values
+            pad = 0 if mask is None else (mask.shape[1] - mask.sum(dim=1))[:, None]  # [B, 1]
+            at = pad + 1 + self.processor.num_image_tokens               # [B, 1] or int
+            slot = torch.arange(embeds.shape[1] + 1, device=self.device)[None]  # [1, S + 1]
+            source = (slot - (slot > at).long()).clamp(max=embeds.shape[1] - 1)
+            source = source.expand(embeds.shape[0], -1)                  # [B, S + 1]
+            embeds = embeds.gather(1, source[..., None].expand(-1, -1, embeds.shape[2]))
+            is_state = (slot == at)[..., None]                           # [B or 1, S + 1, 1]
+            embeds = torch.where(is_state, self.proprio(state).to(embeds.dtype), embeds)
+            if mask is not None:
+                mask = torch.where(is_state[..., 0], 1, mask.gather(1, source))  # [B, S + 1]
+        return embeds, pixel_values, mask
 
     def forward_layers(self, cache: DynamicCache, codes: torch.Tensor,
                        first_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,8 +239,15 @@ class MainModel(nn.Module):
         past = self.cache_length(cache)
         embeds = self.layer_embedding(codes, first_layer)  # [B, k, H]
         positions = torch.arange(past, past + k, device=self.device).expand(batch, k)  # [B, k]
+        padded = {}
+        pad = getattr(cache, 'pad', None)                 # [B]: a left-padded prompt batch
+        if pad is not None:
+            slots = torch.arange(past + k, device=self.device)[None]          # [1, past + k]
+            padded = {'attention_mask': (slots >= pad[:, None]).long()}      # [B, past + k]
+            positions = positions - pad[:, None]
         out = self.backbone.model.language_model(inputs_embeds=embeds, past_key_values=cache,
-                                                 position_ids=positions, use_cache=True)
+                                                 position_ids=positions, use_cache=True,
+                                                 **padded)
         hidden = out.last_hidden_state  # [B, k, H]
         return self.rfsq_head(hidden), hidden  # logits: [B, k, C, V]
 

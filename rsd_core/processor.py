@@ -89,6 +89,7 @@ class PromptProcessor:
         self.num_image_tokens = int(num_image_tokens)
         self.prompt_template = prompt_template
         self.bos_id = self._special_id(BOS)
+        self.pad_id = self._special_id(PAD)
         self.image_id = self._special_id(IMAGE)
         self.unk_id = self._special_id(UNK)
         self._mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
@@ -131,11 +132,14 @@ class PromptProcessor:
         """Number of text tokens, special tokens included."""
         return len(self.tokenizer)
 
-    def __call__(self, images: list[np.ndarray], instructions: list[str]) -> dict:
+    def __call__(self, images: list[np.ndarray], instructions: list[str],
+                 pad: bool = False) -> dict:
         """Images [H, W, 3] uint8 RGB (any size) + instructions -> model inputs.
 
         Returns {'input_ids': [B, S] long, 'pixel_values': [B, 3, image_size, image_size] float32}.
-        All prompts of a batch must tokenize to the same length (no padding).
+        Without `pad` all prompts of a batch must tokenize to the same length; with it, shorter
+        prompts are left-padded with <pad> and 'attention_mask' [B, S] long (0 at padding)
+        is added (the model masks the padding and numbers positions from each prompt's start).
         """
         if not isinstance(images, (list, tuple)) or not isinstance(instructions, (list, tuple)):
             raise ValueError('expected a list of images and a list of instructions, got '
@@ -143,8 +147,14 @@ class PromptProcessor:
         if len(images) != len(instructions) or not images:
             raise ValueError(f'expected as many images as instructions (at least one), got '
                              f'{len(images)} images and {len(instructions)} instructions')
-        return {'input_ids': self.encode_text(instructions),
-                'pixel_values': torch.cat([self.preprocess_image(im) for im in images])}
+        pixels = torch.cat([self.preprocess_image(im) for im in images])
+        rows = self.prompt_ids(instructions)
+        if not pad:
+            return {'input_ids': equal_length(rows), 'pixel_values': pixels}
+        width = max(len(row) for row in rows)
+        ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows])  # [B, S]
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])  # [B, S]
+        return {'input_ids': ids, 'pixel_values': pixels, 'attention_mask': mask}
 
     def prompt(self, instruction: str) -> str:
         """The prompt text of one instruction (validated, stripped, lower-cased)."""
@@ -161,6 +171,10 @@ class PromptProcessor:
 
     def encode_text(self, instructions: list[str]) -> torch.Tensor:
         """Instructions -> input_ids [B, S]: <s>, the image placeholders, the prompt words."""
+        return equal_length(self.prompt_ids(instructions))
+
+    def prompt_ids(self, instructions: list[str]) -> list[list[int]]:
+        """Instructions -> one id list each: <s>, the image placeholders, the prompt words."""
         rows = []
         for instruction in instructions:
             text = self.tokenizer(self.prompt(instruction), add_special_tokens=False,
@@ -171,11 +185,7 @@ class PromptProcessor:
             if self.unk_id in text:
                 self._report_unknown(instruction)
             rows.append([self.bos_id] + [self.image_id] * self.num_image_tokens + list(text))
-        lengths = sorted({len(row) for row in rows})
-        if len(lengths) > 1:
-            raise ValueError(f'prompts of one batch tokenize to different lengths {lengths}; '
-                             'batch instructions of equal length or run them one at a time')
-        return torch.tensor(rows, dtype=torch.long)  # [B, S]
+        return rows
 
     def unknown_words(self, instruction: str) -> list[str]:
         """Words of `instruction` that are not in the vocabulary (they map to <unk>)."""
@@ -201,6 +211,15 @@ class PromptProcessor:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode='bilinear',
                               align_corners=False, antialias=True).clamp_(0.0, 1.0)
         return (x - self._mean) / self._std
+
+
+def equal_length(rows: list[list[int]]) -> torch.Tensor:
+    """Id lists of one length -> [B, S] long; ValueError naming the lengths otherwise."""
+    lengths = sorted({len(row) for row in rows})
+    if len(lengths) > 1:
+        raise ValueError(f'prompts of one batch tokenize to different lengths {lengths}; '
+                         'pass pad=True, or run them one at a time')
+    return torch.tensor(rows, dtype=torch.long)  # [B, S]
 
 
 def check_image_array(image: np.ndarray) -> None:

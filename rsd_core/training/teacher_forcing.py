@@ -26,7 +26,7 @@ def teacher_forced_logits(model: MainModel, inputs: dict, codes: torch.Tensor) -
     those of `MainModel.prefill` (`embed_prompt`); position ids run on from the prompt as in
     `MainModel.forward_layers`.
     """
-    prompt, pixel_values = model.embed_prompt(inputs)  # [B, S', H]
+    prompt, pixel_values, _ = model.embed_prompt(inputs)  # [B, S', H]
     codes = codes.to(model.device)
     layers = model.layer_embedding(codes[:, :-1], first_layer=0)  # [B, L-1, H]
     embeds = torch.cat([prompt, layers.to(prompt.dtype)], dim=1)  # [B, S'+L-1, H]
