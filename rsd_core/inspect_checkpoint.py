@@ -5,18 +5,22 @@ PATH is a main bundle directory, a draft directory, a tokenizer directory, or on
 (.safetensors, or a component's .json manifest). The report lists the components, their tensors
 (name, shape, dtype), whether a draft carries a trained input projection, hidden-size
 compatibility with the main (--main, or the bundle the draft sits in), finiteness and recorded
-provenance. Exit status 1 with the reasons when anything is unusable (0 otherwise; with
---strict, warnings such as an untrained draft or a provenance mismatch also fail).
+provenance. A bundle's weight files are checked against the manifest's `files_sha256`, as the
+loader checks them (`rsd_core.bundle.file_hash_problems`): a mismatch is unusable, a manifest
+without hashes (older bundles) is reported unverified, a warning. Exit status 1 with the
+reasons when anything is unusable (0 otherwise; with --strict, warnings such as an untrained
+draft, a provenance mismatch or unverified weight files also fail).
 """
 
 import argparse
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 import json
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 import torch
 
+from rsd_core.bundle import FILE_HASHES, file_hash_problems
 from rsd_core.checkpoint import CheckpointError, key_problems, load_manifest
 from rsd_core.draft import FORMAT as DRAFT_FORMAT
 from rsd_core.draft import (
@@ -27,6 +31,7 @@ from rsd_core.draft import (
     sniff_pickle,
 )
 from rsd_core.draft_v2 import FeatureDraft, FeatureDraftConfig
+from rsd_core.inspect_report import Component, Report, TensorInfo, format_report
 
 BUNDLE_FORMAT = 'rsd-main-bundle'
 TOKENIZER_FORMAT = 'rsd-action-tokenizer'
@@ -37,56 +42,6 @@ COMPONENTS = {'manifest.json': ('bundle', BUNDLE_FORMAT),
               'action_tokenizer.json': ('tokenizer', TOKENIZER_FORMAT),
               'heads.json': ('heads', HEADS_FORMAT)}
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt', '.pkl')
-
-
-@dataclass
-class TensorInfo:
-    """One tensor of a safetensors file: name, shape, dtype name ('float32'), all finite."""
-
-    name: str
-    shape: list[int]
-    dtype: str
-    finite: bool
-
-
-@dataclass
-class Component:
-    """One checkpoint part: its files, tensors, manifest facts, and what is wrong with it."""
-
-    name: str
-    kind: str
-    path: str
-    format: str | None = None
-    tensors: list[TensorInfo] = field(default_factory=list)
-    parameters: int = 0
-    facts: dict = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Report:
-    """What `inspect_path` found: the inspected path, its kind and its components."""
-
-    path: str
-    kind: str
-    components: list[Component] = field(default_factory=list)
-
-    @property
-    def problems(self) -> list[str]:
-        """Every component's problems, 'component: problem' (empty: usable)."""
-        return [f'{c.name}: {p}' for c in self.components for p in c.problems]
-
-    @property
-    def warnings(self) -> list[str]:
-        """Every component's warnings, 'component: warning'."""
-        return [f'{c.name}: {w}' for c in self.components for w in c.warnings]
-
-    def to_dict(self) -> dict:
-        """The `--json` form: usable, problems, warnings and every component as a dict."""
-        return {'path': self.path, 'kind': self.kind, 'usable': not self.problems,
-                'problems': self.problems, 'warnings': self.warnings,
-                'components': [asdict(c) for c in self.components]}
 
 
 # ---------------------------------------------------------------- tensors and files
@@ -303,6 +258,21 @@ def inspect_backbone(directory: Path) -> Component:
     return component
 
 
+def check_file_hashes(directory: Path, manifest: dict, component: Component) -> None:
+    """Record in `component` whether the bundle's weight files match the manifest's hashes:
+    each differing, missing or unlisted file is a problem (the loader refuses the bundle), no
+    recorded hashes a warning (the loader warns and loads)."""
+    problems = file_hash_problems(directory, manifest)
+    if problems is None:
+        component.facts[FILE_HASHES] = 'unverified: the manifest records no file hashes'
+        component.warnings.append(f'weight files unverified: the manifest has no {FILE_HASHES} '
+                                  '(an older bundle; the loader loads it with a warning)')
+        return
+    component.facts[FILE_HASHES] = (f'{len(manifest[FILE_HASHES])} weight files verified'
+                                    if not problems else 'MISMATCH')
+    component.problems += problems
+
+
 def inspect_bundle(directory: Path, main_override: dict | None) -> list[Component]:
     """A main bundle: manifest, backbone, heads, action tokenizer, and its draft if present."""
     component = Component('bundle', 'bundle', str(directory))
@@ -315,6 +285,7 @@ def inspect_bundle(directory: Path, main_override: dict | None) -> list[Componen
             'image_size', 'weights_sha256', 'provenance')})
         main = {'dir': str(directory), 'hidden_size': manifest.get('hidden_size'),
                 'weights_sha256': manifest.get('weights_sha256')}
+        check_file_hashes(directory, manifest, component)
     backbone = inspect_backbone(directory / 'backbone')
     components.append(backbone)
     if main and backbone.facts.get('hidden_size') not in (None, main['hidden_size']):
@@ -401,70 +372,6 @@ def inspect_path(path: str | Path, main: dict | None = None) -> Report:
                                                     COMPONENTS[f'{stem}.json'][1])])
 
 
-# ---------------------------------------------------------------- output
-
-def format_report(report: Report, max_tensors: int | None = None) -> str:
-    """Readable multi-line text of a report."""
-    usable = not report.problems
-    lines = [f'{report.kind} {report.path}: {"usable" if usable else "UNUSABLE"}']
-    for component in report.components:
-        lines.append(f'\n[{component.name}] {component.kind}'
-                     + (f', format {component.format}' if component.format else '')
-                     + (f', {len(component.tensors)} tensors, {component.parameters:,} values'
-                        if component.tensors else ''))
-        for key, value in component.facts.items():
-            lines += fact_lines(key, value)
-        shown = component.tensors
-        if max_tensors is not None and component.kind == 'backbone':
-            shown = shown[:max_tensors]
-        width = max((len(t.name) for t in shown), default=0)
-        for tensor in shown:
-            lines.append(f'    {tensor.name:<{width}}  {str(tensor.shape):<16} {tensor.dtype}'
-                         + ('' if tensor.finite else '  NON-FINITE'))
-        if len(shown) < len(component.tensors):
-            lines.append(f'    ... {len(component.tensors) - len(shown)} more (--all-tensors)')
-    if report.warnings:
-        lines.append('\nwarnings:')
-        lines += [f'  - {w}' for w in report.warnings]
-    if report.problems:
-        lines.append('\nunusable because:')
-        lines += [f'  - {p}' for p in report.problems]
-    return '\n'.join(lines)
-
-
-def fact_lines(key: str, value: object, indent: str = '  ') -> list[str]:
-    """`key: value` lines; dicts one level deep get a line per item, metrics a summary."""
-    if key == 'metrics' and isinstance(value, dict):
-        return [f'{indent}{key}: {metrics_text(value)}']
-    if isinstance(value, dict) and indent == '  ' and value:
-        return [f'{indent}{key}:'] + [line for k, v in value.items()
-                                      for line in fact_lines(k, v, indent + '  ')]
-    return [f'{indent}{key}: {fact_text(value)}']
-
-
-def metrics_text(metrics: dict) -> str:
-    """Held-out acceptance figures of a distilled draft, when recorded."""
-    held = metrics.get('held_out')
-    if not isinstance(held, dict):
-        return fact_text(metrics)
-    return (f'held-out ({metrics.get("held_out_samples")} samples) token accuracy '
-            f'{fact_text(held.get("token_accuracy"))}, exact-layer match '
-            f'{fact_text(held.get("exact_match"))}, mean accepted layers '
-            f'{fact_text(held.get("mean_accepted_layers"))}')
-
-
-def fact_text(value: object) -> str:
-    """A manifest value as short text: dicts as k=v, floats to 4 significant digits, float
-    lists to 3 decimals."""
-    if isinstance(value, dict):
-        return ', '.join(f'{k}={fact_text(v)}' for k, v in value.items())
-    if isinstance(value, float):
-        return f'{value:.4g}'
-    if isinstance(value, list) and value and all(isinstance(v, float) for v in value):
-        return '[' + ', '.join(f'{v:.3f}' for v in value) + ']'
-    return str(value)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `rsd inspect` options."""
     parser.add_argument('path', help='bundle, draft or tokenizer directory, or one file')
@@ -472,7 +379,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='main bundle to check a draft against (hidden size, provenance)')
     parser.add_argument('--json', action='store_true', help='print the report as JSON')
     parser.add_argument('--strict', action='store_true',
-                        help='also fail on warnings (untrained draft, provenance mismatch)')
+                        help='also fail on warnings (untrained draft, provenance mismatch, '
+                             'weight files without recorded hashes)')
     parser.add_argument('--all-tensors', action='store_true',
                         help='list every backbone tensor (default: the first 20)')
 

@@ -92,7 +92,9 @@ def _plain(value):
 
 
 def stats_json(stats: ChunkStats, stamp: Time, **extra) -> str:
-    """One `policy_stats` line: the chunk's stamp {sec, nanosec}, ChunkStats fields, `extra`."""
+    """One `policy_stats` line: the chunk's stamp {sec, nanosec}, ChunkStats fields, `extra`
+    (the node adds its timings, counters and `batch`, the number of frames decoded together;
+    with several arms in one batch, the ChunkStats are the batch's)."""
     record = {'stamp': {'sec': stamp.sec, 'nanosec': stamp.nanosec}, **asdict(stats), **extra}
     return json.dumps({key: _plain(value) for key, value in record.items()}, allow_nan=False)
 
@@ -172,14 +174,16 @@ def mode_name(use_draft: bool, acceptance: str) -> str:
 
 
 def status_values(summary: dict, latency_ms: Sequence[float], counters: PolicyCounters,
-                  use_draft: bool, mode: str) -> dict[str, str]:
+                  use_draft: bool, mode: str, batch_sizes: Sequence[int] = ()) -> dict[str, str]:
     """Key values of the inference status.
 
     summary: `StatsAggregator.summary()` of the recent window; latency_ms: camera-to-action
-    latencies of the same window (publish time - image stamp).
+    latencies of the same window (publish time - image stamp); batch_sizes: frames decoded
+    together for each chunk of the window (several arms).
     """
     latency = np.asarray(latency_ms, dtype=np.float64)
     p50, p90 = (np.percentile(latency, [50, 90]).tolist() if latency.size else (None, None))
+    batch = float(np.mean(batch_sizes)) if len(batch_sizes) else None
     times = summary['latency_ms']
     proposed = summary['layers_proposed']
     values = {
@@ -199,6 +203,7 @@ def status_values(summary: dict, latency_ms: Sequence[float], counters: PolicyCo
         'near ties': summary['near_ties'],
         'max deviation': summary['max_deviation'],
         'window chunks': summary['chunks'],
+        'batch size mean': batch,
         **{name.replace('_', ' '): count for name, count in asdict(counters).items()},
         'use_draft': use_draft,
         'mode': mode,

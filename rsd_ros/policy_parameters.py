@@ -3,16 +3,17 @@
 Each parameter is declared with a descriptor (type, description, read-only flag, ranges) in
 `PARAMETERS`; `parameter_problem` says why a value cannot be used (the node's on-set callback
 refuses it with that reason), `read_settings` turns the values in force into a `Settings`
-snapshot the inference worker reads once per frame, and `engine_config` the part of it the
-engine takes. Pure functions and data: unit-tested without a node.
+snapshot the inference worker reads once per batch of frames, and `engine_config` the part of it
+the engine takes. Pure functions and data: unit-tested without a node.
 
 The run-time rule (any peer on the DDS domain can call the parameter services): whatever
 changes what the arm is commanded (action limits and names, control period, staleness bound,
-frame id) is read-only; the decoding mode and its tolerance can only be tightened at run time,
-never past the ceilings set at start (`acceptance_ceiling`, `tolerance_ceiling`, read-only,
-defaulting to the start values); strings that go out in messages are bounded; the diagnostics
-rate has a floor. To change a read-only value, restart the node (or cleanup and configure it
-again through its lifecycle with new parameters).
+frame id, the arms served and the batching window) is read-only; the decoding mode and its
+tolerance can only be tightened at run time, never past the ceilings set at start
+(`acceptance_ceiling`, `tolerance_ceiling`, read-only, defaulting to the start values);
+strings that go out in messages are bounded; the diagnostics rate has a floor. To change a
+read-only value, restart the node (or cleanup and configure it again through its lifecycle
+with new parameters).
 """
 
 from dataclasses import dataclass
@@ -29,11 +30,13 @@ from rsd_ros.topics import LIBERO_ACTION_NAMES
 
 ACTION_DIM = len(LIBERO_ACTION_NAMES)
 DEVICE_PATTERN = re.compile(r'cpu|cuda(:\d+)?')
+ARM_PATTERN = re.compile(r'[A-Za-z][A-Za-z0-9_]*(/[A-Za-z][A-Za-z0-9_]*)*')   # relative ns
+MAX_ARMS = 32                    # arms one node serves (the largest batch it decodes)
 RUNTIME_ENGINE_PARAMETERS = ('use_draft', 'adaptive_proposals', 'acceptance', 'tolerance')
 
 @dataclass(frozen=True)
 class Settings:
-    """The run-time parameters, one immutable snapshot (the worker reads one per frame)."""
+    """The run-time parameters, one immutable snapshot (the worker reads one per batch)."""
 
     use_draft: bool
     adaptive_proposals: bool
@@ -52,6 +55,8 @@ class Settings:
     max_instruction_bytes: int            # UTF-8 bytes
     max_clock_skew: float                 # s an image stamp may lie in the future
     max_state_abs: float                  # rad or m, the largest |robot-state value|
+    arms: tuple[str, ...]                 # arm namespaces, () = one arm on the node's topics
+    batch_window: float                   # s the worker waits for the other arms' frames
 
 
 def _descriptor(kind: int, description: str, read_only: bool = False,
@@ -150,6 +155,17 @@ PARAMETERS = {
     'stats_window': (100, _descriptor(P.PARAMETER_INTEGER,
                                       'chunks in the diagnostics latency/acceptance window',
                                       ints=(1, 100_000))),
+    'arms': (Parameter.Type.STRING_ARRAY, _descriptor(
+        P.PARAMETER_STRING_ARRAY, 'namespaces of the arms this node serves with one model, '
+        'relative to its own: each arm has its own camera/image_raw, instruction, joint_states, '
+        "action_chunk and policy_stats under '<arm>/' (unset = one arm on the node's own "
+        'topics)', read_only=True,
+        constraints=f'at most {MAX_ARMS} distinct relative names (letters, digits, _ and /), '
+                    f'each at most {MAX_STRING} characters')),
+    'batch_window': (0.015, _descriptor(
+        P.PARAMETER_DOUBLE, 'several arms: once a first frame is ready, the longest the worker '
+        "waits for the other arms' frames to decode them in one batch, s (a silent arm costs "
+        'the others at most this)', read_only=True, floats=(0.0, 1.0))),
 }
 
 
@@ -180,6 +196,15 @@ def parameter_problem(name: str, value, current: dict) -> str | None:
     if name == 'state_joint_names' and value is not None and (
             not all(n.strip() for n in value) or len(set(value)) != len(value)):
         return f'state_joint_names {list(value)}: expected non-empty, distinct names'
+    if name == 'arms' and value is not None:
+        if len(value) > MAX_ARMS:
+            return f'arms lists {len(value)} arms; at most {MAX_ARMS}'
+        bad = [arm for arm in value if len(arm) > MAX_STRING or not ARM_PATTERN.fullmatch(arm)]
+        if bad:
+            return (f'arms {excerpt(bad)}: expected relative names of letters, digits, _ and / '
+                    f'(at most {MAX_STRING} characters each)')
+        if len(set(value)) != len(value):
+            return f'arms {excerpt(list(value))}: an arm is listed twice'
     if name == 'action_names':
         if len(value) != ACTION_DIM:
             return f'action_names has {len(value)} names; expected {ACTION_DIM}'
@@ -260,7 +285,8 @@ def read_settings(values: dict) -> Settings:
         hardware_id=v['hardware_id'] or v['device'], stats_window=v['stats_window'],
         state_joint_names=tuple(v['state_joint_names'] or ()),
         max_instruction_bytes=v['max_instruction_bytes'], max_clock_skew=v['max_clock_skew'],
-        max_state_abs=v['max_state_abs'])
+        max_state_abs=v['max_state_abs'], arms=tuple(v['arms'] or ()),
+        batch_window=v['batch_window'])
 
 
 def state_names(settings: Settings, model_names: tuple[str, ...]) -> tuple[str, ...]:

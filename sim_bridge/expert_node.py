@@ -12,6 +12,12 @@ The instruction names the task; its BDDL goal (which bowl, which plate) comes fr
 benchmark (`expert.resolve_goal`). A new episode (another `episode`/`init_state`/task in the
 state, or a step counter that went back) restarts the expert; a republished observation (same
 episode and step) gets the same chunk again under the new stamp.
+
+Any peer on the domain can publish `sim/object_poses`: a state that is not a JSON object, has a
+stamp that is not {sec: int32, nanosec: 0..999999999}, a step that is not an integer, or poses
+that are not finite numbers of the right count is refused (counted in `refused_states`; one
+warning at most every 5 s, values echoed cut to 80 characters) and the node goes on;
+a chunk that came out non-finite is not published (docs/HARDENING.md).
 """
 
 import json
@@ -28,6 +34,10 @@ from trajectory_msgs.msg import JointTrajectory
 
 from rsd_ros import topics
 from sim_bridge.expert import ACTION_DIM, Goal, SceneState, SpatialExpert, resolve_goal
+from sim_bridge.expert.scene import cut
+
+INT32 = (-2 ** 31, 2 ** 31 - 1)
+WARN_EVERY = 5.0           # s, at least, between two warnings about refused states
 
 
 def chunk_trajectory(actions: np.ndarray, stamp: Time, joint_names: list[str],
@@ -38,6 +48,20 @@ def chunk_trajectory(actions: np.ndarray, stamp: Time, joint_names: list[str],
         raise ValueError(f'actions {list(actions.shape)} do not match {len(joint_names)} '
                          'joint names; expected [T, A]')
     return topics.pack_chunk(actions, stamp, frame_id, joint_names, control_period)
+
+
+def state_stamp(stamp: object) -> Time:
+    """A privileged state's `stamp` as a Time, or ValueError saying what is wrong: it must be
+    {sec: int32, nanosec: integer in [0, 1e9)} (JSON integers, as the bridge writes them)."""
+    if not isinstance(stamp, dict) or not {'sec', 'nanosec'} <= stamp.keys():
+        raise ValueError('no stamp {sec, nanosec}; set use_image_stamp to take the stamp from '
+                         'the images')
+    sec, nanosec = stamp['sec'], stamp['nanosec']
+    if not all(type(v) is int for v in (sec, nanosec)) or not INT32[0] <= sec <= INT32[1] \
+            or not 0 <= nanosec < 1_000_000_000:
+        raise ValueError(f'stamp {cut(stamp)}; expected integers sec (int32) and nanosec '
+                         '(0..999999999)')
+    return Time(sec=sec, nanosec=nanosec)
 
 
 def episode_key(data: dict) -> tuple:
@@ -88,6 +112,7 @@ class ExpertNode(Node):
         self._last_chunk: np.ndarray | None = None
         self._pending: dict | None = None    # newest state, waiting for an image
         self.chunks_published = 0
+        self.refused_states = 0              # states not acted on: malformed or unusable
 
     def _on_instruction(self, msg: String) -> None:
         text = msg.data.strip()
@@ -115,18 +140,23 @@ class ExpertNode(Node):
             if not isinstance(data, dict):
                 raise ValueError('not a JSON object')
         except ValueError as exc:
-            self.get_logger().warning(f'sim/object_poses message is not a JSON object ({exc}); '
-                                      'ignored')
+            self._refuse(f'sim/object_poses message is not a JSON object ({cut(str(exc))}); '
+                         'ignored')
             return
         if self.use_image_stamp:
             self._pending = data
             return
-        stamp = data.get('stamp')
-        if not isinstance(stamp, dict) or not {'sec', 'nanosec'} <= stamp.keys():
-            self.get_logger().warning('sim/object_poses has no stamp {sec, nanosec}; set '
-                                      'use_image_stamp to take the stamp from the images')
+        try:
+            stamp = state_stamp(data.get('stamp'))
+        except ValueError as exc:
+            self._refuse(f'sim/object_poses: {exc}')
             return
-        self._answer(data, Time(sec=int(stamp['sec']), nanosec=int(stamp['nanosec'])))
+        self._answer(data, stamp)
+
+    def _refuse(self, text: str) -> None:
+        """Count a state not acted on and say why (throttled: a peer may send thousands)."""
+        self.refused_states += 1
+        self.get_logger().warning(text, throttle_duration_sec=WARN_EVERY)
 
     def _on_image(self, msg: Image) -> None:
         if self._pending is None:
@@ -147,9 +177,12 @@ class ExpertNode(Node):
         try:
             state = SceneState.from_dict(data)
         except ValueError as exc:
-            self.get_logger().warning(f'bad privileged state: {exc}')
+            self._refuse(f'bad privileged state: {exc}')
             return
         key, step = episode_key(data), data.get('step')
+        if step is not None and type(step) is not int:
+            self._refuse(f'bad privileged state: step {cut(step)}; expected an integer')
+            return
         if key != self._episode or (step is not None and self._last_step is not None
                                     and step < self._last_step):
             self.expert.reset()
@@ -164,7 +197,12 @@ class ExpertNode(Node):
         try:
             chunk = self.expert.act(state)
         except ValueError as exc:
-            self.get_logger().error(f'expert cannot act: {exc}')
+            self.refused_states += 1
+            self.get_logger().error(f'expert cannot act: {exc}', throttle_duration_sec=WARN_EVERY)
+            return
+        if not np.isfinite(chunk).all():
+            self._refuse(f'step {step}: the expert computed non-finite actions from this state; '
+                         'not published')
             return
         if self.expert.phase != phase:
             self.get_logger().info(f'step {step}: {phase.value} -> {self.expert.phase.value}')

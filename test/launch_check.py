@@ -56,9 +56,15 @@ class NodeSpec:
         return merged
 
 
-def coerce(value: str) -> object:
-    """launch_ros' rule: a parameter value string is read as YAML (empty stays a string)."""
-    return '' if value == '' else yaml.safe_load(value)
+def coerce(value: str, where: str) -> object:
+    """launch_ros' rule: a parameter value string is read as YAML (empty stays a string); a
+    list must be non-empty with items of one type, as launch_ros refuses anything else."""
+    result = '' if value == '' else yaml.safe_load(value)
+    if isinstance(result, list) and (not result or len({type(v) for v in result}) > 1
+                                     or type(result[0]) not in (bool, int, float, str)):
+        raise LaunchError(f'{where}: parameter value {value!r}: launch_ros takes only a '
+                          'non-empty list of one type (bool, int, float or str)')
+    return result
 
 
 class LaunchReader:
@@ -119,7 +125,7 @@ class LaunchReader:
             elif child.tag == 'param':
                 self._check_attributes(child, {'name', 'value'}, where)
                 value = self.substitute(child.attrib['value'], context, where)
-                node.params[child.attrib['name']] = coerce(value)
+                node.params[child.attrib['name']] = coerce(value, where)
             elif child.tag == 'remap':
                 self._check_attributes(child, {'from', 'to'}, where)
                 node.remaps.append((self.substitute(child.attrib['from'], context, where),

@@ -50,20 +50,24 @@ class Policy:
 
 
 class Camera(Node):
-    """The test side: plays camera and operator, records what the policy publishes."""
+    """The test side: plays camera and operator, records what the policy publishes. `arm`:
+    the policy's arm this camera plays ('' = a policy serving one arm on its own topics)."""
 
-    def __init__(self, context, namespace: str, hardware_id: str) -> None:
-        super().__init__('test_camera', context=context, namespace=namespace)
+    def __init__(self, context, namespace: str, hardware_id: str, arm: str = '') -> None:
+        name = 'test_camera' + (f'_{arm}'.replace('/', '_') if arm else '')
+        super().__init__(name, context=context, namespace=namespace)
+        self.arm = arm
         self.hardware_id = hardware_id   # /diagnostics is global: keep this policy's status
-        self.image_pub = self.create_publisher(Image, 'camera/image_raw', SENSOR_QOS)
-        self.instruction_pub = self.create_publisher(String, 'instruction', INSTRUCTION_QOS)
+        self.image_pub = self.create_publisher(Image, self.topic('camera/image_raw'), SENSOR_QOS)
+        self.instruction_pub = self.create_publisher(String, self.topic('instruction'),
+                                                     INSTRUCTION_QOS)
         self.chunks: list[JointTrajectory] = []
         self.stats: list[dict] = []
         self.diagnostics: list[DiagnosticStatus] = []
         self.from_policy = [
-            self.create_subscription(JointTrajectory, 'action_chunk', self.chunks.append,
-                                     CHUNK_QOS),
-            self.create_subscription(String, 'policy_stats',
+            self.create_subscription(JointTrajectory, self.topic('action_chunk'),
+                                     self.chunks.append, CHUNK_QOS),
+            self.create_subscription(String, self.topic('policy_stats'),
                                      lambda m: self.stats.append(json.loads(m.data)), STATS_QOS)]
         self.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 10)
         self.spinner = SingleThreadedExecutor(context=context)
@@ -75,8 +79,13 @@ class Camera(Node):
         self.spinner.shutdown()
         self.destroy_node()
 
+    def topic(self, name: str) -> str:
+        """The relative name of the policy's topic `name` for this camera's arm."""
+        return f'{self.arm}/{name}' if self.arm else name
+
     def _on_diagnostics(self, msg: DiagnosticArray) -> None:
-        self.diagnostics += [s for s in msg.status if s.hardware_id == self.hardware_id]
+        self.diagnostics += [s for s in msg.status if s.hardware_id == self.hardware_id and (
+            not self.arm or s.name.endswith(f': {self.arm} inference'))]
 
     def spin_until(self, done, timeout: float = TIMEOUT) -> bool:
         deadline = time.monotonic() + timeout
@@ -89,9 +98,10 @@ class Camera(Node):
     def connect(self, policy: 'Policy | None' = None) -> None:
         """Wait until every endpoint is matched on both sides (or samples may be lost)."""
         def policy_side() -> bool:
-            return policy is None or all(
-                p.get_subscription_count() for p in (policy.node._chunk_pub,
-                                                     policy.node._stats_pub))
+            if policy is None:
+                return True
+            (arm,) = [a for a in policy.node._arms if a.name == self.arm]
+            return all(p.get_subscription_count() for p in (arm.chunk_pub, arm.stats_pub))
         assert self.spin_until(lambda: self.image_pub.get_subscription_count() > 0
                                and self.instruction_pub.get_subscription_count() > 0
                                and all(s.get_publisher_count() for s in self.from_policy)

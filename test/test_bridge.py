@@ -250,25 +250,31 @@ def test_malformed_chunks_are_rejected_and_the_arm_holds(task, ros_context, poli
     def answer(index, image):
         if index == 0:
             return trajectory(image.header.stamp, points=7, action=push)
+        msg = trajectory(image.header.stamp, action=push, points=1000 if index == 3 else 8)
         if index == 1:
-            msg = trajectory(image.header.stamp, action=push)
             msg.points[2].positions[0] = float('nan')
-            return msg
-        return trajectory(image.header.stamp, names=swapped, action=push)
+        elif index == 2:
+            msg.points[5].positions[1] = 1e300            # finite in float64, inf in float32
+        elif index == 4:
+            msg.points[3].time_from_start = msg.points[2].time_from_start   # not increasing
+        elif index > 4:
+            msg.joint_names = swapped
+        return msg
 
     policy = PlayedPolicy(policy_context, answer)
-    bridge, spinner = start_bridge(ros_context, task, tmp_path, max_steps=24)
+    bridge, spinner = start_bridge(ros_context, task, tmp_path, max_steps=48)
     spin_until_finished(bridge, spinner, policy)
 
     (record,) = read_results(tmp_path)
-    assert (record['rejected_chunks'], record['executed_chunks']) == (3, 0)
-    assert (record['held_steps'], record['steps']) == (24, 24)
+    assert (record['rejected_chunks'], record['executed_chunks']) == (6, 0)
+    assert (record['held_steps'], record['steps']) == (48, 48)
     moved = np.linalg.norm(task.robot_state().eef_pos - np.array(policy.poses[0]['eef_pos']))
     assert moved < 0.005
     log = capfd.readouterr()
     text = log.out + log.err
-    assert text.count('rejected action chunk') == 3
-    for reason in ('7 points; expected 8', 'non-finite', 'joint_names'):
+    assert text.count('rejected action chunk') == 6
+    for reason in ('7 points; expected 8', 'non-finite', 'beyond float32) in points [5]',
+                   '1000 points; expected 8', 'strictly increasing', 'joint_names'):
         assert reason in text
 
 

@@ -64,6 +64,8 @@ def test_both_time_from_start_conventions_give_the_same_schedule():
 @pytest.mark.parametrize('msg, reason', [
     (message(points=7), '7 points; expected 8'),
     (message(points=0), '0 points; expected 8'),
+    (message(points=0, names=()), 'joint_names'),             # an empty message
+    (message(points=1000), '1000 points; expected 8'),
     (message(names=NAMES[:6]), 'joint_names'),
     (message(names=('dy', 'dx') + NAMES[2:]), 'joint_names'),
     (message(value=float('nan')), 'non-finite'),
@@ -106,6 +108,10 @@ def test_time_from_start_must_increase_and_match_points():
                             tuple(t - 1.0 for t in msg.time_from_start))
     with pytest.raises(ChunkRejected, match='>= 0'):
         validator()(negative)
+    decreasing = ChunkMessage(msg.stamp_ns, msg.joint_names, msg.positions,
+                              msg.time_from_start[::-1])
+    with pytest.raises(ChunkRejected, match='strictly increasing'):
+        validator()(decreasing)
 
 
 def test_any_length_accepted_when_chunk_len_is_zero():

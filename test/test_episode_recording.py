@@ -292,18 +292,20 @@ def test_a_stopped_episode_leaves_only_a_part_file(task, contexts, tmp_path):
 def test_eval_libero_mcap_sets_every_bridges_mcap_dir(tmp_path):
     import argparse
 
-    from sim_bridge import evaluate
+    from sim_bridge import eval_summary, evaluate
+    from sim_bridge.eval_arms import Run
 
     parser = argparse.ArgumentParser()
     evaluate.add_arguments(parser)
-    argv = evaluate.bridge_command(parser.parse_args(['--mcap']), 3, tmp_path / 'r.jsonl', None,
-                                   tmp_path / 'mcap')
+    run = Run(arm=0, task_id=3, init_state=0, episodes=1)
+    argv = evaluate.bridge_command(parser.parse_args(['--mcap']), run, tmp_path / 'r.jsonl',
+                                   None, tmp_path / 'mcap')
     assert f"mcap_dir:='{tmp_path / 'mcap'}'" in argv
-    assert "mcap_dir:=''" in evaluate.bridge_command(parser.parse_args([]), 3,
+    assert "mcap_dir:=''" in evaluate.bridge_command(parser.parse_args([]), run,
                                                      tmp_path / 'r.jsonl', None)
-    summary = evaluate.summarize([], [0], {'suite': 's', 'policy': 'p', 'mode': 'm'})
+    summary = eval_summary.summarize([], [0], {'suite': 's', 'policy': 'p', 'mode': 'm'})
     summary['recordings'] = {'dir': '/out/mcap', 'files': ['/out/mcap/a.mcap']}
-    assert 'Episode recordings: 1 MCAP files in /out/mcap' in evaluate.markdown_table(summary)
+    assert 'Episode recordings: 1 MCAP files in /out/mcap' in eval_summary.markdown_table(summary)
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""`rsd eval-libero`: the summary arithmetic, the child-process plumbing, and a real run with the
-bridge and a stand-in policy as separate processes over DDS."""
+"""`rsd eval-libero`: the summary arithmetic, the child-process plumbing, the episodes dealt to
+several arms, a real run with the bridge and a stand-in policy as separate processes over DDS,
+and one with two bridges against one rsd_policy serving both arms."""
 
 import argparse
 import json
@@ -12,7 +13,8 @@ import time
 
 import pytest
 
-from sim_bridge import evaluate
+from sim_bridge import eval_arms, eval_processes, eval_summary, evaluate
+from sim_bridge.eval_arms import Run
 
 # A stand-in policy process: answers every image with a chunk that raises the hand, publishes
 # policy_stats with a cumulative `dropped` counter, records its pid.
@@ -71,7 +73,7 @@ def test_summary_per_task_and_overall():
         record(0, False, 220, [40.0], proposed=3, accepted=0, dropped=5),
         record(3, True, 80, [50.0, 60.0], proposed=6, accepted=6, dropped=9),
     ]
-    summary = evaluate.summarize(records, [0, 3], {'suite': 's', 'policy': 'p', 'mode': 'm'})
+    summary = eval_summary.summarize(records, [0, 3], {'suite': 's', 'policy': 'p', 'mode': 'm'})
     first, second = summary['tasks']
     assert (first['episodes'], first['successes'], first['success_rate']) == (2, 1, 0.5)
     assert first['mean_steps'] == 160.0
@@ -82,26 +84,26 @@ def test_summary_per_task_and_overall():
     assert (overall['episodes'], overall['successes'], overall['chunks']) == (3, 2, 6)
     assert overall['acceptance_rate'] == pytest.approx(12 / 18)
     assert (overall['held_steps'], overall['dropped_frames']) == (3, 9)
-    table = evaluate.markdown_table(summary)
+    table = eval_summary.markdown_table(summary)
     assert '| 0 | 2 | 1/2 (50%) | 160.0 | 25.0 |' in table
     assert '| all | 3 | 2/3 (67%) |' in table
 
 
 def test_summary_without_policy_stats_shows_dashes():
-    summary = evaluate.summarize([record(1, False, 50, [])], [1, 2],
+    summary = eval_summary.summarize([record(1, False, 50, [])], [1, 2],
                                  {'suite': 's', 'policy': 'p', 'mode': 'm'})
     assert summary['tasks'][1]['episodes'] == 0
-    line = [row for row in evaluate.markdown_table(summary).splitlines()
+    line = [row for row in eval_summary.markdown_table(summary).splitlines()
             if row.startswith('| 1 ')][0]
     assert line == '| 1 | 1 | 0/1 (0%) | 50.0 | - | - | - | 1 | 2 | 0 | - |'
 
 
 def test_ros_param_keeps_types():
-    assert evaluate.ros_param('draft_dir', '') == ['-p', "draft_dir:=''"]
-    assert evaluate.ros_param('model_dir', '123') == ['-p', "model_dir:='123'"]
-    assert evaluate.ros_param('use_draft', False) == ['-p', 'use_draft:=false']
-    assert evaluate.ros_param('task_id', 3) == ['-p', 'task_id:=3']
-    assert evaluate.ros_param('names', ['a', 'b']) == ['-p', 'names:=["a", "b"]']
+    assert eval_processes.ros_param('draft_dir', '') == ['-p', "draft_dir:=''"]
+    assert eval_processes.ros_param('model_dir', '123') == ['-p', "model_dir:='123'"]
+    assert eval_processes.ros_param('use_draft', False) == ['-p', 'use_draft:=false']
+    assert eval_processes.ros_param('task_id', 3) == ['-p', 'task_id:=3']
+    assert eval_processes.ros_param('names', ['a', 'b']) == ['-p', 'names:=["a", "b"]']
 
 
 def parse(*argv):
@@ -128,21 +130,67 @@ def test_bad_arguments_are_refused():
         evaluate.check_args(parse('--trials', '0'))
 
 
+def test_episodes_are_dealt_to_the_arms_in_consecutive_blocks():
+    assert eval_arms.deal_runs([0, 1, 2], 1, 0, 1) == [[Run(0, 0, 0, 1), Run(0, 1, 0, 1),
+                                                        Run(0, 2, 0, 1)]]
+    assert eval_arms.deal_runs([4], 2, 3, 2) == [[Run(0, 4, 3, 1)], [Run(1, 4, 4, 1)]]
+    assert eval_arms.deal_runs([0, 1], 3, 0, 2) == [[Run(0, 0, 0, 3)], [Run(1, 1, 0, 3)]]
+    assert eval_arms.deal_runs([0, 1], 2, 5, 3) == [   # 4 episodes: 2 + 1 + 1
+        [Run(0, 0, 5, 2)], [Run(1, 1, 5, 1)], [Run(2, 1, 6, 1)]]
+    with pytest.raises(ValueError, match='expected 1 to 2'):
+        eval_arms.deal_runs([0], 2, 0, 3)
+
+
+def test_several_arms_get_one_policy_and_a_namespace_per_bridge(tmp_path):
+    args = parse('--arms', '2', '--batch-window', '0.05', '--tasks', '3', '--trials', '2')
+    tasks, dealt = evaluate.check_args(args)
+    assert tasks == [3] and dealt == [[Run(0, 3, 0, 1)], [Run(1, 3, 1, 1)]]
+    policy = evaluate.policy_command(args)
+    assert 'arms:=["arm0", "arm1"]' in policy and 'batch_window:=0.05' in policy
+    bridge = evaluate.bridge_command(args, dealt[1][0], tmp_path / 'r.jsonl', None)
+    assert bridge[bridge.index('-r') + 1] == '__ns:=/arm1'
+    assert 'init_state:=1' in bridge and 'episodes:=1' in bridge
+    single = evaluate.bridge_command(parse(), Run(0, 0, 0, 1), tmp_path / 'r.jsonl', None)
+    assert '-r' not in single and 'arms' not in ' '.join(evaluate.policy_command(parse()))
+    with pytest.raises(ValueError, match='scripted expert serves one arm'):
+        evaluate.check_args(parse('--arms', '2', '--policy', 'expert'))
+    with pytest.raises(ValueError, match='--arms 3'):
+        evaluate.check_args(parse('--arms', '3', '--tasks', '0', '--trials', '2'))
+
+
+def test_dropped_frames_are_counted_per_arm_and_batches_averaged():
+    def arm_record(arm, task_id, dropped, batches):
+        result = record(task_id, True, 10, [1.0] * len(batches), proposed=0, accepted=0,
+                        dropped=dropped)
+        result['policy_stats']['sums']['batch'] = sum(batches)
+        result['policy_stats']['chunks'] = len(batches)
+        return {**result, 'arm': arm}
+
+    records = [arm_record(0, 0, 3, [2, 2]), arm_record(1, 1, 10, [2, 1]),
+               arm_record(0, 1, 4, [1, 1])]           # each arm's own cumulative counter
+    summary = eval_summary.summarize(records, [0, 1], {'suite': 's', 'policy': 'p',
+                                                       'mode': 'm', 'arms': 2})
+    first, second = summary['tasks']
+    assert (first['dropped_frames'], second['dropped_frames']) == (3, 10 + 1)
+    assert first['mean_batch'] == 2.0 and summary['overall']['mean_batch'] == pytest.approx(1.5)
+    assert 'decoded together per chunk: 1.50' in eval_summary.markdown_table(summary)
+
+
 def test_domain_picking_avoids_a_domain_in_use(ros_context):
     from rclpy.node import Node
 
     node = Node('domain_probe', context=ros_context)
     try:
-        assert evaluate.domain_in_use(int(os.environ['ROS_DOMAIN_ID']))
-        picked = evaluate.pick_domain_id(random.Random(0))
-        assert 1 <= picked <= 101 and not evaluate.domain_in_use(picked)
+        assert eval_processes.domain_in_use(int(os.environ['ROS_DOMAIN_ID']))
+        picked = eval_processes.pick_domain_id(random.Random(0))
+        assert 1 <= picked <= 101 and not eval_processes.domain_in_use(picked)
     finally:
         node.destroy_node()
 
 
 def test_results_follower_reads_only_complete_lines(tmp_path):
     path = tmp_path / 'results.jsonl'
-    follower = evaluate.ResultsFollower(path)
+    follower = eval_arms.ResultsFollower(path)
     assert follower.new_records() == []
     path.write_text('{"a": 1}\n{"b": ')
     assert follower.new_records() == [{'a': 1}]
@@ -194,3 +242,27 @@ def test_eval_runs_bridge_and_policy_processes(tmp_path):
     while Path(f'/proc/{pid}').exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not Path(f'/proc/{pid}').exists(), 'the policy process was left running'
+
+
+@pytest.mark.slow
+def test_eval_runs_two_arms_against_one_policy(tmp_path, tiny_bundle):
+    out = tmp_path / 'out'
+    result = rsd('eval-libero', '--suite', 'libero_spatial', '--tasks', '0', '--trials', '2',
+                 '--arms', '2', '--batch-window', '0.05', '--max-steps', '16',
+                 '--camera-size', '64', '--model', str(tiny_bundle), '--no-draft',
+                 '--out', str(out), '--json', timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    summary = json.loads(result.stdout)
+    assert summary['complete'] is True and summary['config']['arms'] == 2
+    (row,) = summary['tasks']
+    assert (row['episodes'], row['mean_steps'], row['chunks']) == (2, 16.0, 4)
+    assert 1.0 <= row['mean_batch'] <= 2.0
+    records = [json.loads(line) for line in (out / 'results.jsonl').read_text().splitlines()]
+    assert sorted((r['arm'], r['init_state']) for r in records) == [(0, 0), (1, 1)]
+    for record in records:               # each bridge saw its own arm's chunks and stats
+        assert record['policy_stats']['chunks'] == 2 and record['rejected_chunks'] == 0
+        assert record['policy_stats']['last']['chunks'] == 2
+    policy_log = (out / 'logs' / 'policy.log').read_text()
+    assert "2 arms ['arm0', 'arm1']" in policy_log, policy_log[-3000:]
+    assert 'arm 1 task 0 init_state 1' in result.stderr

@@ -422,3 +422,63 @@ def test_expert_node_can_take_the_stamp_from_the_image(ros_context):
         executor.shutdown()
         node.destroy_node()
         peer.destroy_node()
+
+
+def test_expert_node_survives_hostile_privileged_states(ros_context):
+    """What any peer can publish on sim/object_poses: each is refused (counted, a warning) and
+    the node goes on answering good states (an exception in a callback would end its spin)."""
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from std_msgs.msg import String
+    from trajectory_msgs.msg import JointTrajectory
+
+    from rsd_ros.topics import CHUNK_QOS, INSTRUCTION_QOS, POSES_QOS
+    from sim_bridge.expert_node import ExpertNode
+    from sim_bridge.libero_env import load_suite
+
+    node = ExpertNode(context=ros_context)
+    peer = Node('hostile_bridge', context=ros_context)
+    chunks = []
+    peer.create_subscription(JointTrajectory, 'action_chunk', chunks.append, CHUNK_QOS)
+    instruction_pub = peer.create_publisher(String, 'instruction', INSTRUCTION_QOS)
+    poses_pub = peer.create_publisher(String, 'sim/object_poses', POSES_QOS)
+    executor = SingleThreadedExecutor(context=ros_context)
+    executor.add_node(node)
+    executor.add_node(peer)
+    good = json.loads(_state_json(scene(), (20, 0), episode=0, step=0))
+    hostile = [
+        '[1, 2]',                                                   # not an object
+        dict(good, stamp={'sec': 'x', 'nanosec': 0}),
+        dict(good, stamp={'sec': 2 ** 40, 'nanosec': 0}),           # beyond int32
+        dict(good, stamp={'sec': 1.5, 'nanosec': -1}),
+        dict(good, objects=[1, 2]),
+        dict(good, eef_pos={'x': 1}),
+        dict(good, eef_quat=[[1, 0], [0]]),                        # ragged
+        dict(good, objects={'plate_1': [float('nan')] * 7}),
+        dict(good, step='eight'),
+        dict(good, gripper_qpos=[0.0] * 100_000),                   # echoed cut, not whole
+    ]
+    try:
+        instruction_pub.publish(String(data=load_suite('libero_spatial').get_task(0).language))
+        deadline = time.monotonic() + 20.0
+        while (node.expert is None or poses_pub.get_subscription_count() == 0
+               or peer.count_publishers('action_chunk') == 0) and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.05)
+        assert node.goal == GOAL
+        for count, payload in enumerate(hostile, start=1):     # one at a time: depth 1
+            poses_pub.publish(String(data=payload if isinstance(payload, str)
+                                     else json.dumps(payload)))
+            deadline = time.monotonic() + 20.0
+            while node.refused_states < count and time.monotonic() < deadline:
+                executor.spin_once(timeout_sec=0.05)
+            assert node.refused_states == count, f'not refused: {str(payload)[:80]}'
+        poses_pub.publish(String(data=json.dumps(good)))
+        deadline = time.monotonic() + 20.0
+        while not chunks and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.05)
+        assert [(c.header.stamp.sec, c.header.stamp.nanosec) for c in chunks] == [(20, 0)]
+        assert node.chunks_published == 1
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        peer.destroy_node()

@@ -29,7 +29,8 @@ def test_an_oversized_instruction_is_refused_and_the_one_in_force_stays(run_poli
     camera.wait_counter('bad instructions', 1)
     print(f'1 MB instruction refused and counted {1e3 * (time.perf_counter() - start):.0f} ms '
           'after publishing')
-    assert policy.node._mailbox.instruction == 'pick up the black bowl and place it on the plate'
+    assert policy.node._mailbox.instruction(0) == \
+        'pick up the black bowl and place it on the plate'
     camera.instruct('a ' * 1000)                               # < 2048 bytes, 1000 tokens
     camera.wait_counter('bad instructions', 2)
     chunk, _ = camera.chunk_for(camera.send())                 # still acting on the good one

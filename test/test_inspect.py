@@ -187,3 +187,78 @@ def test_bundle_with_nan_heads(tiny_bundle, tmp_path, capsys):
     assert status == 1
     assert "heads: non-finite values (NaN/Inf) in ['layer_embedding.layer.weight']" \
         in report['problems']
+
+
+def flip_bit_in_first_tensor(path) -> None:
+    """Flip the lowest bit of the first value of a safetensors file's first float tensor (a
+    mantissa bit: the value stays finite, only the hash can tell)."""
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], 'little')
+    header = json.loads(data[8:8 + header_len])
+    start = min(v['data_offsets'][0] for k, v in header.items()
+                if k != '__metadata__' and v['dtype'].startswith('F'))
+    data[8 + header_len + start] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_intact_bundle_weight_files_verified(tiny_bundle, capsys):
+    status, report = inspect_json(capsys, tiny_bundle)
+    assert status == 0
+    assert report['components'][0]['facts']['files_sha256'] == '3 weight files verified'
+
+
+def test_a_flipped_bit_in_a_backbone_tensor_is_unusable_like_the_loader_says(
+        tiny_bundle, tmp_path, capsys):
+    from rsd_core.checkpoint import CheckpointError, file_sha256
+    from rsd_core.main_model import MainModel
+
+    bundle = shutil.copytree(tiny_bundle, tmp_path / 'bundle')
+    weights = bundle / 'backbone' / 'model.safetensors'
+    expected = json.loads((bundle / 'manifest.json').read_text())['files_sha256'][
+        'backbone/model.safetensors']
+    flip_bit_in_first_tensor(weights)
+    actual = file_sha256(weights)
+    problem = (f'bundle: backbone/model.safetensors: sha256 {actual[:12]}, manifest expects '
+               f'{expected[:12]}')
+    status, report = inspect_json(capsys, bundle)
+    assert status == 1 and not report['usable']
+    assert report['problems'] == [problem]
+    components = {c['name']: c for c in report['components']}
+    assert components['backbone']['facts']['finite'] is True     # only the hash sees it
+    assert components['bundle']['facts']['files_sha256'] == 'MISMATCH'
+    status, text = inspect(capsys, bundle)
+    assert status == 1 and 'UNUSABLE' in text and f'  - {problem}' in text
+    with pytest.raises(CheckpointError, match=problem.removeprefix('bundle: ')):
+        MainModel.from_dir(bundle)
+
+
+def test_a_bundle_without_file_hashes_is_unverified_and_loads(tiny_bundle, tmp_path, capsys):
+    from rsd_core.main_model import MainModel
+
+    bundle = shutil.copytree(tiny_bundle, tmp_path / 'bundle')
+    manifest = json.loads((bundle / 'manifest.json').read_text())
+    del manifest['files_sha256']
+    (bundle / 'manifest.json').write_text(json.dumps(manifest))
+    status, report = inspect_json(capsys, bundle)
+    assert status == 0 and report['usable']
+    assert report['components'][0]['facts']['files_sha256'].startswith('unverified')
+    assert any('weight files unverified' in w for w in report['warnings']), report['warnings']
+    status, text = inspect(capsys, bundle)
+    assert status == 0 and 'files_sha256: unverified: the manifest records no file hashes' \
+        in text
+    assert inspect(capsys, bundle, '--strict')[0] == 1
+    assert MainModel.from_dir(bundle).weights_hash == manifest['weights_sha256']
+
+
+def test_malformed_file_hashes_are_refused_by_both(tiny_bundle, tmp_path, capsys):
+    from rsd_core.checkpoint import CheckpointError
+    from rsd_core.main_model import MainModel
+
+    bundle = shutil.copytree(tiny_bundle, tmp_path / 'bundle')
+    manifest = json.loads((bundle / 'manifest.json').read_text())
+    (bundle / 'manifest.json').write_text(json.dumps(dict(manifest, files_sha256=['x'])))
+    status, report = inspect_json(capsys, bundle)
+    assert status == 1
+    assert any('files_sha256 is not an object' in p for p in report['problems'])
+    with pytest.raises(CheckpointError, match='files_sha256 is not an object'):
+        MainModel.from_dir(bundle)

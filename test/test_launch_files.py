@@ -52,6 +52,8 @@ def test_checker_refuses_unknown_things(tmp_path):
     bad.write_text('<launch><group><node pkg="rsd_ros" exec="x" name="p"/></group></launch>')
     with pytest.raises(LaunchError, match='not understood'):
         READER.read(bad)
+    with pytest.raises(LaunchError, match='non-empty list'):     # as launch_ros refuses it
+        READER.read(ROOT / 'launch' / 'policy_arms.launch.xml', {'arms': '[]'})
 
 
 class Graph:
@@ -148,6 +150,54 @@ def test_policy_launch_starts_a_working_policy(ros_context, tiny_bundle, tmp_pat
 
         graph.spin_until(publish_frame, 60.0, 'an action chunk')
         assert len(chunks[0].points) == 8 and len(chunks[0].points[0].positions) == 7
+    finally:
+        graph.close()
+
+
+def test_policy_arms_launch_serves_each_arm_on_its_own_topics(ros_context, tiny_bundle,
+                                                             tmp_path):
+    from rclpy.qos import QoSDurabilityPolicy, QoSProfile, qos_profile_sensor_data
+    from sensor_msgs.msg import Image
+    from std_msgs.msg import String
+    from trajectory_msgs.msg import JointTrajectory
+
+    nodes = READER.read(ROOT / 'launch' / 'policy_arms.launch.xml',
+                        {'model_dir': str(tiny_bundle), 'draft_dir': '', 'namespace': 'cell',
+                         'arms': '[left, right]'})
+    (node,) = nodes
+    assert node.params['arms'] == ['left', 'right'] and node.params['batch_window'] == 0.015
+    graph = Graph(ros_context, nodes, tmp_path)
+    try:
+        probe = graph.probe
+        latched = QoSProfile(depth=1, durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
+        chunks = {arm: [] for arm in ('left', 'right')}
+        images = {}
+        for arm, received in chunks.items():
+            probe.create_subscription(JointTrajectory, f'/cell/{arm}/action_chunk',
+                                      received.append, 10)
+            images[arm] = probe.create_publisher(Image, f'/cell/{arm}/camera/image_raw',
+                                                 qos_profile_sensor_data)
+            instruction = probe.create_publisher(String, f'/cell/{arm}/instruction', latched)
+            instruction.publish(String(data=f'{arm}: pick up the black bowl'))
+        graph.spin_until(lambda: all(probe.count_subscribers(f'/cell/{arm}/camera/image_raw')
+                                     for arm in chunks), 60.0,
+                         'the policy to subscribe to both cameras')
+        check_parameters(graph)
+        stamps = {arm: set() for arm in chunks}
+
+        def publish_frames() -> bool:
+            for arm, publisher in images.items():
+                msg = Image(height=96, width=96, encoding='rgb8', step=96 * 3,
+                            data=bytes(96 * 96 * 3))
+                msg.header.stamp = probe.get_clock().now().to_msg()
+                stamps[arm].add((msg.header.stamp.sec, msg.header.stamp.nanosec))
+                publisher.publish(msg)
+            return all(chunks.values())
+
+        graph.spin_until(publish_frames, 60.0, 'an action chunk for each arm')
+        for arm, received in chunks.items():      # each arm's chunk answers its own frame
+            stamp = received[0].header.stamp
+            assert (stamp.sec, stamp.nanosec) in stamps[arm]
     finally:
         graph.close()
 

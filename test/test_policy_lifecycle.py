@@ -130,7 +130,7 @@ def test_franka_joint_names_are_mapped_onto_the_model(run_policy, proprio_bundle
     msg = JointState(name=['panda_joint7', *FRANKA[::-1]], position=[5.0, 0.04, -1.2, 0.3])
     msg.header.stamp = camera.get_clock().now().to_msg()
     joints.publish(msg)
-    assert camera.spin_until(lambda: policy.node._mailbox.joints is not None)
+    assert camera.spin_until(lambda: policy.node._mailbox.joints(0) is not None)
     picture = camera.rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
     expected, _ = policy.node._engine.predict(picture, INSTRUCTION,
                                               proprio=np.array([0.3, -1.2, 0.04], np.float32))
@@ -141,7 +141,7 @@ def test_franka_joint_names_are_mapped_onto_the_model(run_policy, proprio_bundle
     stale = JointState(name=list(FRANKA[:2]), position=[0.1, 0.2])   # the finger missing
     stale.header.stamp = (camera.get_clock().now() - Duration(seconds=0.0)).to_msg()
     joints.publish(stale)
-    assert camera.spin_until(lambda: list(policy.node._mailbox.joints.name) == list(FRANKA[:2]))
+    assert camera.spin_until(lambda: list(policy.node._mailbox.joints(0).name) == list(FRANKA[:2]))
     camera.send()
     camera.wait_counter('no state', 1)
 

@@ -9,6 +9,8 @@ the instruction up in LIBERO's benchmark (imported lazily).
 from dataclasses import dataclass
 import re
 
+from sim_bridge.expert.scene import cut
+
 
 @dataclass(frozen=True)
 class Goal:
@@ -60,5 +62,5 @@ def resolve_goal(instruction: str, suite: str = 'libero_spatial') -> Goal:
         if wanted in (normalize_instruction(task.language), normalize_instruction(bddl_language)):
             with open(path) as bddl:
                 return parse_bddl_goal(bddl.read())
-    raise ValueError(f'no {suite} task has the instruction {instruction!r}; known: '
+    raise ValueError(f'no {suite} task has the instruction {cut(instruction)}; known: '
                      + '; '.join(languages))

@@ -40,13 +40,16 @@ class SceneState:
                    if key not in data]
         if missing:
             raise ValueError(f'privileged state lacks {missing}; expected keys objects, '
-                             f'eef_pos, eef_quat, gripper_qpos (got {sorted(data)})')
+                             f'eef_pos, eef_quat, gripper_qpos (got {cut(sorted(data))})')
+        if not isinstance(data['objects'], dict):
+            raise ValueError('objects must be {name: [x, y, z, qx, qy, qz, qw]}, got '
+                             f'{cut(data["objects"])}')
         poses = {}
         for name, pose in data['objects'].items():
-            pose = np.asarray(pose, dtype=np.float64)
+            pose = _floats(pose)
             if pose.shape != (7,) or not np.isfinite(pose).all():
-                raise ValueError(f'pose of {name!r} must be 7 finite numbers '
-                                 f'[x, y, z, qx, qy, qz, qw], got {pose.tolist()}')
+                raise ValueError(f'pose of {cut(name)} must be 7 finite numbers '
+                                 f'[x, y, z, qx, qy, qz, qw], got {cut(data["objects"][name])}')
             poses[name] = pose
         state = cls(eef_pos=_vector(data['eef_pos'], 3, 'eef_pos'),
                     eef_quat=_vector(data['eef_quat'], 4, 'eef_quat'),
@@ -68,7 +71,22 @@ class SceneState:
 
 def _vector(value: ArrayLike, size: int, name: str) -> np.ndarray:
     """`value` as a float64 vector [size], or ValueError naming `name`."""
-    array = np.asarray(value, dtype=np.float64)
+    array = _floats(value)
     if array.shape != (size,) or not np.isfinite(array).all():
-        raise ValueError(f'{name} must be {size} finite numbers, got {value!r}')
+        raise ValueError(f'{name} must be {size} finite numbers, got {cut(value)}')
     return array
+
+
+def _floats(value: Any) -> np.ndarray:
+    """`value` as a float64 array; an empty one when it is not numbers (a string, an object,
+    ragged lists), which every shape check refuses."""
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return np.empty(0)
+
+
+def cut(value: Any, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters: what a peer sent, echoed without flooding."""
+    text = repr(value)
+    return text if len(text) <= limit else f'{text[:limit]}... ({len(text)} characters)'
