@@ -4,9 +4,9 @@ The main feeds layer l's embedding e_l = main.layer_embedding(codes_l, l) at one
 hidden state there, f_{l+1}, gives layer l+1 through main.rfsq_head (f_0 = h0, the prompt's
 last hidden state, gives layer 0). The draft imitates that one step of the language model:
 
-    x_l    = fuse([norm(f_l), norm(e_l)]) + position(l)           [B, d]
+    x_l    = fuse([z_l(f_l), z_l(e_l)]) + position(l)             [B, d]
     y      = one causal pre-norm transformer layer over x_l.. of this roll
-    f'_l+1 = out(norm(y_l))                                        [B, H]  the main's next hidden
+    f'_l+1 = z_l+1^-1(out(norm(y_l)))                              [B, H]  the main's next hidden
     logits of layer l+1 = main.rfsq_head(f'_l+1)                   [B, C, V]  (frozen, the main's)
 
 and rolls forward: layer l+1's greedy codes and its own f'_l+1 feed the next step. A roll
@@ -14,6 +14,14 @@ starts from the main's truth (the hidden state that chose the last decided layer
 layer's codes), which is what the engine hands it after every verification, accepted or not.
 Trained on the main's greedy trajectories with its own predicted features fed back
 (`rsd_core.training.draft_v2_training`).
+
+z_l standardises per layer and per dimension with the mean and std of the training
+trajectories' f_l (and, separately, e_l): buffers, saved in the file. Chosen over a LayerNorm
+per vector: a main's hidden states at one layer share a large common part (on the tiny test
+main norm 8 against a spread of 0.5 across inputs) and what decides the next codes is the small
+rest. Standardised, that rest is unit-sized in the input and in the regression target; on the
+tiny main held-out next-layer code agreement rose from 0.92-0.96 (the constant guess's level)
+to 0.98-0.99 (a least-squares fit of f_l+1 on (f_l, e_l): 0.995).
 
 The file holds only what the draft adds (no copy of the main's head or embedding): it is
 meaningless without the main it was distilled from, whose weights hash the manifest records.
@@ -102,8 +110,11 @@ class FeatureDraft(nn.Module):
         super().__init__()
         self.config = config
         hidden, d = config.hidden_size, config.d_model
-        self.feature_norm = nn.LayerNorm(hidden)
-        self.embed_norm = nn.LayerNorm(hidden)
+        layers = config.num_layers
+        self.register_buffer('feature_mean', torch.zeros(layers, hidden))    # [L, H]
+        self.register_buffer('feature_std', torch.ones(layers, hidden))      # [L, H]
+        self.register_buffer('embed_mean', torch.zeros(layers, hidden))      # [L, H]
+        self.register_buffer('embed_std', torch.ones(layers, hidden))        # [L, H]
         self.fuse = nn.Linear(2 * hidden, d)
         self.position = nn.Embedding(config.num_layers, d)
         self.trunk = nn.TransformerEncoderLayer(
@@ -128,6 +139,20 @@ class FeatureDraft(nn.Module):
         self._main[:] = [main.layer_embedding, main.rfsq_head]
         return self
 
+    def set_statistics(self, features: torch.Tensor, embeds: torch.Tensor) -> None:
+        """Standardisation from training trajectories: the main's features f_l and code
+        embeddings e_l, [N, L, H] each (std floored at 1e-3 of the layer's mean std)."""
+        for name, values in (('feature', features), ('embed', embeds)):
+            std = values.std(0)                                                    # [L, H]
+            std = std.clamp_min(1e-3 * std.mean(-1, keepdim=True).clamp_min(1e-6))
+            getattr(self, f'{name}_mean').copy_(values.mean(0))
+            getattr(self, f'{name}_std').copy_(std)
+
+    def standardised(self, features: torch.Tensor, first_layer: int) -> torch.Tensor:
+        """Features of layers first_layer.. [B, n, H] in z units (z_l above)."""
+        layers = slice(first_layer, first_layer + features.shape[1])
+        return (features - self.feature_mean[layers]) / self.feature_std[layers]
+
     def _parts(self) -> tuple[nn.Module, nn.Module]:
         if not self._main:
             raise RuntimeError('v2 draft is not bound to a main model (call bind(main))')
@@ -138,11 +163,15 @@ class FeatureDraft(nn.Module):
         """features f_l.., embeds e_l.. [B, n, H] of layers first_layer.. -> predicted
         f_{l+1}.. [B, n, H] (position j sees positions <= j)."""
         n = features.shape[1]
-        x = self.fuse(torch.cat([self.feature_norm(features), self.embed_norm(embeds)], -1))
+        layers = slice(first_layer, first_layer + n)
+        embeds = (embeds - self.embed_mean[layers]) / self.embed_std[layers]
+        x = self.fuse(torch.cat([self.standardised(features, first_layer), embeds], -1))
         x = x + self.position(torch.arange(first_layer, first_layer + n,
                                            device=x.device))        # [B, n, d]
         mask = nn.Transformer.generate_square_subsequent_mask(n, device=x.device, dtype=x.dtype)
-        return self.out(self.norm(self.trunk(x, src_mask=mask, is_causal=True)))  # [B, n, H]
+        z = self.out(self.norm(self.trunk(x, src_mask=mask, is_causal=True)))    # [B, n, H]
+        following = slice(first_layer + 1, first_layer + 1 + n)
+        return self.feature_mean[following] + self.feature_std[following] * z
 
     def roll(self, hidden: torch.Tensor, codes: torch.Tensor, layer: int, k: int,
              teacher: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -105,6 +105,7 @@ def test_train_draft_learns_the_tiny_main(tiny_bundle, tmp_path, capsys, caplog)
     2000 samples). What training must show: held-out loss falls, and per-layer token accuracy
     beats both the untrained draft and the best input-independent guess (the most frequent
     training code per position), which it can only do by reading h0 through its projection.
+    The v2 draft reads the codes just decided and gets whole layers there (test_draft_v2).
     """
     observations = write_synthetic_observations(tmp_path / 'obs', count=60, seed=1)
     out = tmp_path / 'draft'

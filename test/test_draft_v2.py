@@ -1,5 +1,6 @@
 """Draft v2 (features + the main's own head): file format, exact speculation in rounds, the
-restart from the main's hidden state after a rejection, and distillation from the tiny main."""
+restart from the main's hidden state after a rejection, and distillation from the tiny main
+to high agreement."""
 
 import json
 import logging
@@ -15,10 +16,11 @@ from rsd_core.draft import DraftModel
 from rsd_core.draft_v2 import FeatureDraft, FeatureDraftConfig, load_draft
 from rsd_core.engine import RSDEngine, greedy_features
 from rsd_core.inspect_checkpoint import inspect_path
+from rsd_core.observations import load_image, read_observations
 
 V2_SIZES = {'d_model': 64, 'n_heads': 2, 'ffn': 256}
-V2_TRAIN = {'epochs': 30, 'batch_size': 16}
-V2_MIN_ACCURACY = 0.9
+V2_TRAIN = {'epochs': 30, 'batch_size': 16, 'lr': 3e-3}
+V2_MIN_ACCURACY = 0.975
 
 
 @pytest.fixture(scope='module')
@@ -120,11 +122,17 @@ def test_after_a_rejection_the_next_roll_starts_from_the_main(main_only64):
 
 def test_v2_distils_from_the_tiny_main(tiny_bundle, tmp_path):
     """`rsd train-draft --kind v2` end to end on the tiny main: recorded trajectories, rolls on
-    its own features, saved without the main's head, reloaded strictly, and it proposes what
-    it was measured to propose. The tiny main is random (codes with small margins): see
-    test_distill for why whole layers stay out of reach for any draft there. Measured, held
-    out: per-code agreement 0.92-0.96 from every start layer, far above the untrained draft's
-    0.13-0.19 and at the level of the constant guess, not above it (v1 there: 0.95)."""
+    its own features, saved without the main's head, reloaded strictly; it agrees with the main
+    far beyond the constant guess and the untrained draft, and speculating with it in float64
+    accepts layers and gives main-only's codes.
+
+    Why this main can be learnt: its layer positions are nearly a function of their input (the
+    layer-index embedding dominates, attention is nearly uniform: test_engine.context_sensitive),
+    so the next hidden state follows from (f_l, e_l). Measured on this recording, held out: a
+    least-squares fit of f_l+1 on (f_l, e_l) gets 0.995-0.997 of the next layer's codes and
+    0.53-0.73 of whole layers; on f_l alone 0.94-0.97, on the constant guess's level (0.92-0.96):
+    the next layer is decided by the codes just chosen, which v2 reads and v1 (h0 only) cannot.
+    """
     from rsd_core.training.distill import distill_draft
     from rsd_core.training.draft_training import TrainConfig
     from rsd_core.training.synthetic_observations import write_synthetic_observations
@@ -137,12 +145,17 @@ def test_v2_distils_from_the_tiny_main(tiny_bundle, tmp_path):
     held, untrained = metrics['held_out'], metrics['untrained_held_out']
     constant = metrics['constant_guess_held_out']
     assert metrics['kind'] == 'v2' and metrics['held_out_samples'] >= 100
-    assert held['loss'] < 0.5 * untrained['loss']
-    for k in range(3):
-        assert held['token_accuracy'][k] > untrained['token_accuracy'][k] + 0.5
-    assert min(held['from_layer']['token_accuracy']) > V2_MIN_ACCURACY
-    # Measured: 0.920 0.932 0.935 (constant guess 0.921 0.945 0.956, untrained 0.13-0.19).
-    assert np.mean(held['token_accuracy']) > np.mean(constant['token_accuracy']) - 0.03
+    assert held['loss'] < 0.25 * untrained['loss']
+    # Measured, next layer from the main's truth at each layer 0..6: per code 0.982-0.992,
+    # whole layers 0.12-0.38 (mean 0.26). Untrained (standardised, so it predicts about the
+    # training features' mean): 0.92-0.96 and 0-0.01; the constant guess 0.92-0.96 and 0.
+    nxt, nxt_exact = held['from_layer']['token_accuracy'], held['from_layer']['exact_match']
+    assert min(nxt) > V2_MIN_ACCURACY
+    assert np.mean(nxt[:3]) > np.mean(constant['token_accuracy']) + 0.03
+    for trained, guess in zip(nxt, untrained['from_layer']['token_accuracy'], strict=True):
+        assert trained > guess + 0.02
+    assert np.mean(nxt_exact) > 0.15 and max(untrained['from_layer']['exact_match']) < 0.05
+    assert held['exact_match'][0] > 0.05 and constant['exact_match'][0] == 0.0
     main = RSDEngine.from_dirs(tiny_bundle, draft_dir='').main
     draft = load_draft(out, main, strict_provenance=True)
     assert isinstance(draft, FeatureDraft)
@@ -150,3 +163,12 @@ def test_v2_distils_from_the_tiny_main(tiny_bundle, tmp_path):
     assert manifest['provenance']['main_weights_sha256'] == main.weights_hash
     assert manifest['provenance']['metrics']['held_out']['token_accuracy'] == \
         held['token_accuracy']
+    engine = RSDEngine.from_dirs(tiny_bundle, draft_dir=out, dtype='float64', adaptive=False)
+    accepted = 0
+    for observation in read_observations(observations)[:20]:
+        image = load_image(observation.image)
+        codes, _, stats = engine.decode_tokens(image, observation.instruction)
+        main_codes, _, _ = engine.decode_tokens(image, observation.instruction, use_draft=False)
+        assert torch.equal(codes, main_codes)
+        accepted += stats.layers_accepted
+    assert accepted >= 15           # measured: 37 of 230 proposed layers in the 20 chunks
