@@ -60,6 +60,7 @@ from sim_bridge.chunk_executor import (
     LockstepExecutor,
     RealtimeExecutor,
 )
+from sim_bridge.chunk_inbox import ChunkInbox
 from sim_bridge.episode_link import EpisodeLink, Offer
 from sim_bridge.episode_recorder import EpisodeRecorder, episode_name
 from sim_bridge.libero_env import CONTROL_PERIOD, LiberoTask, Observation
@@ -149,7 +150,7 @@ class LiberoBridge(Node):
         self.finished = threading.Event()
         self.exit_code = 0
         self._stop = threading.Event()
-        self._inbox: queue.Queue[ChunkMessage] = queue.Queue()
+        self._inbox = ChunkInbox()                 # bounded: a flood drops the oldest
         self._lock = threading.Lock()
         self._policy_stats: list[dict] = []
         self._status = {'state': 'loading', 'episode': 0, 'step': 0}
@@ -186,7 +187,11 @@ class LiberoBridge(Node):
         """Record and queue the chunk for the simulator thread, timed on arrival."""
         now = self._now_ns()
         self.recorder.write(self.chunk_sub.topic_name, msg, now)
-        self._inbox.put(chunk_message(msg, now))
+        if self._inbox.put_newest(chunk_message(msg, now)):
+            self.get_logger().warning(
+                f'{self._inbox.dropped} action chunks dropped unexecuted so far: more than '
+                f'{self._inbox.maxsize} arrived while the simulator was busy (oldest dropped)',
+                throttle_duration_sec=5.0)
 
     def _on_policy_stats(self, msg: String) -> None:
         """Keep a JSON-object stats message for the episode record."""
