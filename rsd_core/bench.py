@@ -155,22 +155,39 @@ def paired_speedup(reference: StatsAggregator, other: StatsAggregator) -> float:
     return float(np.median(ratios))
 
 
-def cost_model(summaries: dict[str, dict], num_layers: int, k: int) -> dict:
-    """Measured P, d, D, v (p50, ms; D and v from the forced draft) and the latencies they
-    predict."""
+def all_accepted_rounds(num_layers: int, k: int, rolls: bool) -> tuple[int, int]:
+    """(speculative rounds, single steps) of a chunk whose every proposal is accepted, as
+    `speculative_rounds` runs them: each round decides up to k + 1 layers, a rolling (v2) draft
+    goes on from the last decided layer while a proposal fits."""
+    decided, rounds = 1, 0
+    while rounds == 0 or rolls:
+        k_step = min(k, num_layers - 1 - decided)
+        if k_step < 1:
+            break
+        decided, rounds = decided + k_step + 1, rounds + 1
+    return rounds, num_layers - decided
+
+
+def cost_model(summaries: dict[str, dict], num_layers: int, k: int, rounds: float,
+               rolls: bool) -> dict:
+    """Measured P, d, D, v (p50, ms; D and v per speculative round, from the forced draft,
+    whose chunks ran `rounds` rounds on average) and the latencies they predict."""
     main, exact = summaries['main_only'], summaries['exact_fixed']
     p = main['latency_ms']['prefill']['p50']
     d = main['latency_ms']['step']['p50'] / (num_layers - 1)
-    draft = exact['latency_ms']['draft']['p50']
-    v = exact['latency_ms']['verify']['p50']
+    rounds = max(rounds, 1.0)
+    draft = exact['latency_ms']['draft']['p50'] / rounds
+    v = exact['latency_ms']['verify']['p50'] / rounds
     accepted = exact['mean_accepted_layers']
+    best_rounds, best_steps = all_accepted_rounds(num_layers, k, rolls)
     return {
         'prefill_P_ms': p, 'step_d_ms': d, 'draft_D_ms': draft, 'verify_v_ms': v,
-        'verify_over_step': v / d if d else None,
+        'rounds_per_chunk': rounds, 'verify_over_step': v / d if d else None,
         'main_only_ms': p + (num_layers - 1) * d,
-        'speculative_all_accepted_ms': p + draft + v + (num_layers - 2 - k) * d,
-        'speculative_measured_acceptance_ms': p + draft + v + (num_layers - 2 - accepted) * d,
-        'speculative_all_accepted_v_eq_d_ms': p + draft + d + (num_layers - 2 - k) * d,
+        'speculative_all_accepted_ms': p + best_rounds * (draft + v) + best_steps * d,
+        'speculative_measured_acceptance_ms':
+            p + rounds * (draft + v) + (num_layers - 1 - accepted - rounds) * d,
+        'speculative_all_accepted_v_eq_d_ms': p + best_rounds * (draft + d) + best_steps * d,
     }
 
 
@@ -212,6 +229,7 @@ def _bench(args: argparse.Namespace) -> dict:
     num_layers = engine.main.num_layers
     bytes_ = weight_bytes(engine.main)
     others = [name for name in MODES if name != 'main_only']
+    rounds = float(np.mean([c.rounds for c in runs['exact_fixed'][0].chunks()]))
     batch = {}
     if args.batch:
         engine.update_config(**MODES[args.batch_mode])
@@ -236,7 +254,7 @@ def _bench(args: argparse.Namespace) -> dict:
         'tolerance_max_deviation_per_dim': deviation.max(axis=(0, 1)).tolist(),
         'bounded': bounded_summary(runs['bounded'], main_actions),
         'physical_limit': physical_limit(runs['main_only'][0]),
-        'cost_model': cost_model(summaries, num_layers, k),
+        'cost_model': cost_model(summaries, num_layers, k, rounds, engine.draft.rolls),
         'weight_bytes': bytes_,
         'bandwidth_gb_s': {name: bytes_ * s['main_passes']['mean']
                            / (s['latency_ms']['total']['mean'] * 1e-3) / 1e9
@@ -318,8 +336,9 @@ def table(result: dict) -> str:
                  f"(no layer skipping beats {limit['speedup_limit']:.2f}x)")
     c = result['cost_model']
     lines.append(f"cost model (ms): P={c['prefill_P_ms']:.2f} d={c['step_d_ms']:.2f} "
-                 f"D={c['draft_D_ms']:.2f} v={c['verify_v_ms']:.2f}; main-only P+7d = "
-                 f"{c['main_only_ms']:.1f}; speculative P+D+v+(6-K)d = "
+                 f"D={c['draft_D_ms']:.2f} v={c['verify_v_ms']:.2f} per round "
+                 f"({c['rounds_per_chunk']:.1f} rounds a chunk); main-only P+7d = "
+                 f"{c['main_only_ms']:.1f}; speculative P+rounds(D+v)+steps*d = "
                  f"{c['speculative_all_accepted_ms']:.1f} (all accepted), "
                  f"{c['speculative_measured_acceptance_ms']:.1f} (measured acceptance)")
     lines += ['', format_layer_report(result['layers'])]

@@ -412,7 +412,7 @@ class RSDEngine:
             **{f'{p}_ms': elapsed.get(p, 0.0) for p in ('total',) + PHASES},
             main_passes=1 + timer.count('verify') + timer.count('step'),
             near_ties=sum(near_ties(logits) for logits in decided + step_logits),
-            used_draft=bool(k), layers_decoded=codes.shape[1],
+            used_draft=bool(k), layers_decoded=codes.shape[1], rounds=len(verdicts),
             certified_bound=None if bound is None else float(bound.max()),
             acceptance=config.acceptance if bounded or k else 'none')
         if verdicts:        # proposed / accepted over every step, depths of the first

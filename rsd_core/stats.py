@@ -31,6 +31,7 @@ class ChunkStats:
     main_passes: int = 0            # main-model forward passes (prefill + verify + steps)
     layers_proposed: int = 0        # K used for this chunk (0 without draft)
     layers_accepted: int = 0        # accepted prefix of the proposals, 0..K
+    rounds: int = 0                 # speculative rounds (proposals verified; > 1: a v2 roll)
     accepted_by_depth: list[bool] = field(default_factory=list)   # len K, depth 1..K
     near_ties: int = 0              # main codes whose top-2 gap was below the dtype threshold
     max_deviation: float = 0.0      # action units, largest accepted change (tolerance mode)

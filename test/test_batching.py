@@ -161,3 +161,11 @@ def test_bench_batch_reports_each_size(tiny_bundle, tmp_path, capsys):
     args.json = False
     assert bench.run(args) == 0
     assert 'chunks/s' in capsys.readouterr().out
+
+
+def test_all_accepted_rounds_follow_the_engine():
+    from rsd_core.bench import all_accepted_rounds
+
+    assert all_accepted_rounds(8, 3, rolls=False) == (1, 3)     # v1: P + D + v + (L-2-K) d
+    assert all_accepted_rounds(8, 3, rolls=True) == (2, 0)      # 1 + 4 + 3 decided, no step
+    assert all_accepted_rounds(8, 6, rolls=False) == (1, 0)
