@@ -2,6 +2,7 @@
 
 import json
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -314,7 +315,11 @@ def _state_json(state: SceneState, stamp: tuple[int, int], episode: int, step: i
         'gripper_qpos': state.gripper_qpos.tolist()})
 
 
-def test_expert_node_answers_each_state_with_its_stamp(ros_context):
+@pytest.fixture
+def expert_link(ros_context):
+    """An ExpertNode instructed with task 0 and a peer bridge wired to it: `node`, `chunks` (the
+    chunks the peer received), `poses_pub` and `spin_until(done)` (spinning both nodes up to
+    20 s); torn down after the test."""
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
     from std_msgs.msg import String
@@ -334,47 +339,57 @@ def test_expert_node_answers_each_state_with_its_stamp(ros_context):
     executor.add_node(node)
     executor.add_node(peer)
 
-    def exchange(payload: str, count: int) -> JointTrajectory:
+    def spin_until(done) -> None:
         deadline = time.monotonic() + 20.0
-        poses_pub.publish(String(data=payload))
-        while len(chunks) < count and time.monotonic() < deadline:
+        while not done() and time.monotonic() < deadline:
             executor.spin_once(timeout_sec=0.05)
-        assert len(chunks) == count, 'no action_chunk answered the state'
-        return chunks[-1]
 
     try:
         instruction_pub.publish(String(data=load_suite('libero_spatial').get_task(0).language))
-        deadline = time.monotonic() + 20.0
-        while (node.expert is None or poses_pub.get_subscription_count() == 0
-               or peer.count_publishers('action_chunk') == 0) and time.monotonic() < deadline:
-            executor.spin_once(timeout_sec=0.05)
+        spin_until(lambda: node.expert is not None and poses_pub.get_subscription_count() > 0
+                   and peer.count_publishers('action_chunk') > 0)
         assert node.goal == GOAL
-
-        state = scene()
-        first = exchange(_state_json(state, (12, 345), episode=0, step=0), 1)
-        assert (first.header.stamp.sec, first.header.stamp.nanosec) == (12, 345)
-        assert first.joint_names == ['dx', 'dy', 'dz', 'droll', 'dpitch', 'dyaw', 'gripper']
-        assert len(first.points) == CHUNK_LEN
-        times = [p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in first.points]
-        assert times == pytest.approx([0.05 * (i + 1) for i in range(CHUNK_LEN)])
-        assert [p.positions[6] for p in first.points] == [-1.0] * CHUNK_LEN
-
-        again = exchange(_state_json(state, (13, 0), episode=0, step=0), 2)   # republished
-        assert (again.header.stamp.sec, again.header.stamp.nanosec) == (13, 0)
-        assert [list(p.positions) for p in again.points] == [list(p.positions)
-                                                             for p in first.points]
-        steps_before = node.expert.steps
-        exchange(_state_json(state, (14, 0), episode=0, step=8), 3)
-        assert node.expert.steps == steps_before + CHUNK_LEN
-        exchange(_state_json(state, (15, 0), episode=1, step=0), 4)             # new episode
-        assert node.expert.steps == CHUNK_LEN
-
-        poses_pub.publish(String(data='not json'))                            # survives
-        exchange(_state_json(state, (16, 0), episode=1, step=8), 5)
+        yield SimpleNamespace(node=node, chunks=chunks, poses_pub=poses_pub,
+                              spin_until=spin_until)
     finally:
         executor.shutdown()
         node.destroy_node()
         peer.destroy_node()
+
+
+def test_expert_node_answers_each_state_with_its_stamp(expert_link):
+    from std_msgs.msg import String
+    from trajectory_msgs.msg import JointTrajectory
+
+    node, chunks, poses_pub = expert_link.node, expert_link.chunks, expert_link.poses_pub
+
+    def exchange(payload: str, count: int) -> JointTrajectory:
+        poses_pub.publish(String(data=payload))
+        expert_link.spin_until(lambda: len(chunks) >= count)
+        assert len(chunks) == count, 'no action_chunk answered the state'
+        return chunks[-1]
+
+    state = scene()
+    first = exchange(_state_json(state, (12, 345), episode=0, step=0), 1)
+    assert (first.header.stamp.sec, first.header.stamp.nanosec) == (12, 345)
+    assert first.joint_names == ['dx', 'dy', 'dz', 'droll', 'dpitch', 'dyaw', 'gripper']
+    assert len(first.points) == CHUNK_LEN
+    times = [p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in first.points]
+    assert times == pytest.approx([0.05 * (i + 1) for i in range(CHUNK_LEN)])
+    assert [p.positions[6] for p in first.points] == [-1.0] * CHUNK_LEN
+
+    again = exchange(_state_json(state, (13, 0), episode=0, step=0), 2)   # republished
+    assert (again.header.stamp.sec, again.header.stamp.nanosec) == (13, 0)
+    assert [list(p.positions) for p in again.points] == [list(p.positions)
+                                                         for p in first.points]
+    steps_before = node.expert.steps
+    exchange(_state_json(state, (14, 0), episode=0, step=8), 3)
+    assert node.expert.steps == steps_before + CHUNK_LEN
+    exchange(_state_json(state, (15, 0), episode=1, step=0), 4)             # new episode
+    assert node.expert.steps == CHUNK_LEN
+
+    poses_pub.publish(String(data='not json'))                            # survives
+    exchange(_state_json(state, (16, 0), episode=1, step=8), 5)
 
 
 def test_expert_node_can_take_the_stamp_from_the_image(ros_context):
@@ -424,27 +439,12 @@ def test_expert_node_can_take_the_stamp_from_the_image(ros_context):
         peer.destroy_node()
 
 
-def test_expert_node_survives_hostile_privileged_states(ros_context):
+def test_expert_node_survives_hostile_privileged_states(expert_link):
     """What any peer can publish on sim/object_poses: each is refused (counted, a warning) and
     the node goes on answering good states (an exception in a callback would end its spin)."""
-    from rclpy.executors import SingleThreadedExecutor
-    from rclpy.node import Node
     from std_msgs.msg import String
-    from trajectory_msgs.msg import JointTrajectory
 
-    from rsd_ros.topics import CHUNK_QOS, INSTRUCTION_QOS, POSES_QOS
-    from sim_bridge.expert_node import ExpertNode
-    from sim_bridge.libero_env import load_suite
-
-    node = ExpertNode(context=ros_context)
-    peer = Node('hostile_bridge', context=ros_context)
-    chunks = []
-    peer.create_subscription(JointTrajectory, 'action_chunk', chunks.append, CHUNK_QOS)
-    instruction_pub = peer.create_publisher(String, 'instruction', INSTRUCTION_QOS)
-    poses_pub = peer.create_publisher(String, 'sim/object_poses', POSES_QOS)
-    executor = SingleThreadedExecutor(context=ros_context)
-    executor.add_node(node)
-    executor.add_node(peer)
+    node, chunks, poses_pub = expert_link.node, expert_link.chunks, expert_link.poses_pub
     good = json.loads(_state_json(scene(), (20, 0), episode=0, step=0))
     hostile = [
         '[1, 2]',                                                   # not an object
@@ -458,27 +458,12 @@ def test_expert_node_survives_hostile_privileged_states(ros_context):
         dict(good, step='eight'),
         dict(good, gripper_qpos=[0.0] * 100_000),                   # echoed cut, not whole
     ]
-    try:
-        instruction_pub.publish(String(data=load_suite('libero_spatial').get_task(0).language))
-        deadline = time.monotonic() + 20.0
-        while (node.expert is None or poses_pub.get_subscription_count() == 0
-               or peer.count_publishers('action_chunk') == 0) and time.monotonic() < deadline:
-            executor.spin_once(timeout_sec=0.05)
-        assert node.goal == GOAL
-        for count, payload in enumerate(hostile, start=1):     # one at a time: depth 1
-            poses_pub.publish(String(data=payload if isinstance(payload, str)
-                                     else json.dumps(payload)))
-            deadline = time.monotonic() + 20.0
-            while node.refused_states < count and time.monotonic() < deadline:
-                executor.spin_once(timeout_sec=0.05)
-            assert node.refused_states == count, f'not refused: {str(payload)[:80]}'
-        poses_pub.publish(String(data=json.dumps(good)))
-        deadline = time.monotonic() + 20.0
-        while not chunks and time.monotonic() < deadline:
-            executor.spin_once(timeout_sec=0.05)
-        assert [(c.header.stamp.sec, c.header.stamp.nanosec) for c in chunks] == [(20, 0)]
-        assert node.chunks_published == 1
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        peer.destroy_node()
+    for count, payload in enumerate(hostile, start=1):     # one at a time: depth 1
+        poses_pub.publish(String(data=payload if isinstance(payload, str)
+                                 else json.dumps(payload)))
+        expert_link.spin_until(lambda count=count: node.refused_states >= count)
+        assert node.refused_states == count, f'not refused: {str(payload)[:80]}'
+    poses_pub.publish(String(data=json.dumps(good)))
+    expert_link.spin_until(lambda: bool(chunks))
+    assert [(c.header.stamp.sec, c.header.stamp.nanosec) for c in chunks] == [(20, 0)]
+    assert node.chunks_published == 1

@@ -6,6 +6,8 @@ in a namespace of its own. Waits are event-driven (spin until a message arrives)
 timeouts; nothing asserts on durations.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 import os
 from pathlib import Path
 import re
@@ -353,14 +355,42 @@ def start_policy_process(bundle: Path, namespace: str,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
-def test_the_node_process_shuts_down_cleanly_on_signals(tiny_bundle, sig):
-    namespace = f'/policy_proc_{os.getpid()}_{sig.name}'
-    process = start_policy_process(tiny_bundle, namespace)
+@contextmanager
+def camera_of(process: subprocess.Popen, namespace: str) -> Iterator[Camera]:
+    """A Camera (own rclpy context) on the policy process's namespace; afterwards the camera is
+    closed and the process killed if it is still running."""
     context = rclpy.Context()
     rclpy.init(context=context)
     camera = Camera(context, namespace, 'cpu')
     try:
+        yield camera
+    finally:
+        if process.poll() is None:
+            process.kill()
+        camera.close()
+        context.try_shutdown()
+
+
+def signal_exit(process: subprocess.Popen, sig: signal.Signals) -> tuple[str, float, set]:
+    """Send `sig`; (the process's output, s from the signal to its end, the Fast DDS shared
+    memory files it held just before)."""
+    shared = held_files(process.pid)
+    signalled = time.monotonic()
+    process.send_signal(sig)
+    output, _ = process.communicate(timeout=20)
+    return output, time.monotonic() - signalled, shared
+
+
+def check_no_shared_memory_left(shared: set, sig: signal.Signals) -> None:
+    assert shared, 'the process held no Fast DDS shared memory: nothing was checked'
+    assert not left_behind(shared), f'{sig.name} left {left_behind(shared)} in /dev/shm'
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_the_node_process_shuts_down_cleanly_on_signals(tiny_bundle, sig):
+    namespace = f'/policy_proc_{os.getpid()}_{sig.name}'
+    process = start_policy_process(tiny_bundle, namespace)
+    with camera_of(process, namespace) as camera:
         camera.connect()
         camera.instruct()
         # The process's writers may match us a little after we match them: resend until a
@@ -372,18 +402,10 @@ def test_the_node_process_shuts_down_cleanly_on_signals(tiny_bundle, sig):
                 break
         assert camera.chunks, 'the node process never answered'
         camera.send()                          # likely in inference when the signal comes
-        shared = held_files(process.pid)
-        process.send_signal(sig)
-        output, _ = process.communicate(timeout=20)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        camera.close()
-        context.try_shutdown()
+        output, _, shared = signal_exit(process, sig)
     assert process.returncode == 0, output
     assert 'Traceback' not in output, output
-    assert shared, 'the process held no Fast DDS shared memory: nothing was checked'
-    assert not left_behind(shared), f'{sig.name} left {left_behind(shared)} in /dev/shm'
+    check_no_shared_memory_left(shared, sig)
 
 
 # rsd_policy whose inference outlives the shutdown wait: each predict first sleeps 60 s (the
@@ -407,13 +429,9 @@ def test_exit_during_inference_leaves_no_shared_memory(tiny_bundle, sig):
     running thread)."""
     namespace = f'/policy_slow_{os.getpid()}_{sig.name}'
     process = start_policy_process(tiny_bundle, namespace, SLOW_POLICY)
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    camera = Camera(context, namespace, 'cpu')
-    logs = []
-    camera.create_subscription(Log, '/rosout', logs.append,
-                            qos_profile_rosout_default)
-    try:
+    with camera_of(process, namespace) as camera:
+        logs = []
+        camera.create_subscription(Log, '/rosout', logs.append, qos_profile_rosout_default)
         camera.connect()
         camera.instruct()
         assert camera.spin_until(lambda: any(
@@ -422,18 +440,8 @@ def test_exit_during_inference_leaves_no_shared_memory(tiny_bundle, sig):
         received = int(camera.value('frames'))
         camera.send()
         camera.wait_counter('frames', received + 1)    # taken at once: inference for 60 s
-        shared = held_files(process.pid)
-        signalled = time.monotonic()
-        process.send_signal(sig)
-        output, _ = process.communicate(timeout=20)
-        took = time.monotonic() - signalled
-    finally:
-        if process.poll() is None:
-            process.kill()
-        camera.close()
-        context.try_shutdown()
+        output, took, shared = signal_exit(process, sig)
     assert process.returncode == 0, output
     assert 'exiting without waiting for it' in output, output
     assert took < 10.0, f'{sig.name}: exit {took:.1f} s after the signal'
-    assert shared, 'the process held no Fast DDS shared memory: nothing was checked'
-    assert not left_behind(shared), f'{sig.name} left {left_behind(shared)} in /dev/shm'
+    check_no_shared_memory_left(shared, sig)
