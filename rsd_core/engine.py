@@ -420,10 +420,8 @@ class RSDEngine:
             stats.layers_accepted = sum(v.accepted for v in verdicts)
             stats.accepted_by_depth = verdicts[0].passed
             stats.max_deviation = max(v.max_deviation for v in verdicts)
-        steps = max(1, len(verdicts))                   # the planner models one step from 0
-        self.planner.record(rule, k, verdicts[0].accepted if verdicts else 0,
-                            stats.draft_ms / steps, stats.verify_ms / steps,
-                            timer.count('step'), stats.step_ms)
+        self.planner.record(rule, [(len(v.passed), v.accepted) for v in verdicts],
+                            stats.draft_ms, stats.verify_ms, timer.count('step'), stats.step_ms)
         return codes, actions, stats
 
     def _num_proposals(self, config: EngineConfig, rule: str, bounded: bool) -> int:
@@ -433,7 +431,7 @@ class RSDEngine:
         needed = (self._expected_depth if bounded else self.main.num_layers) - 1
         if not config.adaptive:
             return min(k_max, needed - 1) if bounded else k_max
-        return self.planner.choose(rule, k_max, needed)
+        return self.planner.choose(rule, k_max, needed, rolls=self.draft.rolls)
 
     def _certifier(self, config: EngineConfig) -> Certifier:
         return depth_certifier(self.tokenizer, self.certificates, config.tolerance, self.device)

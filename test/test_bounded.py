@@ -123,7 +123,7 @@ def test_planner_bets_everything_on_a_draft_the_main_always_accepts(main_only64)
         oracle.codes = main_only64.decode_tokens(image, instruction)[0]
         chosen.append(engine.predict(image, instruction)[1].layers_accepted)
     costs = engine.planner.costs
-    assert engine.planner.acceptance('exact', 3) > 0.9
+    assert engine.planner.acceptance('exact', 1) > 0.9     # depth 3 is tested when k = 3 pays
     # Accepting all three saves three steps for one draft pass and three more positions.
     if costs.draft + 3 * costs.per_position < 3 * costs.step * 0.9:
         assert chosen[-4:] == [3] * 4
@@ -134,18 +134,39 @@ def test_planner_decisions_from_given_costs():
     assert planner.choose('exact', 3, 7) == 3                 # nothing measured: probe
     planner.costs.step, planner.costs.draft, planner.costs.per_position = 2.0, 1.0, 0.2
     for _ in range(20):
-        planner.record('exact', 3, 3, 1.0, 2.6, 3, 6.0)
+        planner.record('exact', [(3, 3)], 1.0, 2.6, 3, 6.0)
     assert planner.choose('exact', 3, 7) == 3
     assert planner.choose('exact', 3, 2) == 1                 # only one layer left to verify
     assert planner.choose('exact', 3, 1) == 0
     never = SpeculationPlanner(probe_every=5)
     never.costs.step, never.costs.draft, never.costs.per_position = 2.0, 1.0, 0.2
     for _ in range(32):
-        never.record('exact', 3, 0, 1.0, 2.6, 6, 12.0)
+        never.record('exact', [(3, 0)], 1.0, 2.6, 6, 12.0)
     picks = [never.choose('exact', 3, 7) for _ in range(10)]
     assert picks.count(3) == 2 and picks.count(0) == 8      # a probe every 5th chunk
     # acceptance rises again: the probes see it and speculation comes back
     for _ in range(32):
-        never.record('exact', 3, 3, 1.0, 2.6, 3, 6.0)
+        never.record('exact', [(3, 3)], 1.0, 2.6, 3, 6.0)
     assert never.choose('exact', 3, 7) == 3
     assert never.expected_ms('exact', 0, 7) == pytest.approx(7 * never.costs.step)
+
+
+def test_planner_keeps_acceptance_per_round_start_for_a_rolling_draft():
+    """A rolling draft whose first proposal always fails but whose later rounds always pass:
+    the bet pays (two cheap rounds finish 7 layers), which a planner that saw only the first
+    round would miss."""
+    planner = SpeculationPlanner()
+    planner.costs.step, planner.costs.draft, planner.costs.per_position = 2.0, 1.0, 0.2
+    for _ in range(32):                 # rounds from 1, 2 and 6 layers decided, of 8
+        planner.record('exact', [(3, 0), (3, 3), (1, 1)], 3.0, 7.4, 0, 0.0)
+    assert planner.acceptance('exact', 1) < 0.05
+    assert planner.acceptance('exact', 3, start=2) > 0.95
+    assert planner.acceptance('exact', 1, start=3) == planner.acceptance('exact', 1, start=2)
+    rolling = planner.expected_ms('exact', 3, 7, rolls=True)
+    # 3.6 ms for the failed first round, 3.6 for four layers from 2, 3.2 for the last two
+    assert rolling == pytest.approx(3.6 + 3.6 + 3.2, abs=0.2) and rolling < 7 * 2.0
+    # k = 2 does better still: three rounds of 3.4 ms (from 1, 2 and 5 layers decided)
+    assert planner.expected_ms('exact', 2, 7, rolls=True) == pytest.approx(10.2, abs=0.2)
+    assert planner.choose('exact', 3, 7, rolls=True) == 2
+    assert planner.expected_ms('exact', 3, 7) > 7 * 2.0      # one round only: it never pays
+    assert planner.choose('exact', 3, 7) == 0
