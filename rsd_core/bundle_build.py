@@ -30,7 +30,9 @@ from rsd_core.bundle import (
     FILE_HASHES,
     MANIFEST,
     bundle_weights_sha256,
+    file_hash_problems,
     file_hashes,
+    load_bundle_manifest,
 )
 from rsd_core.main_model import MainModel, quiet_transformers
 from rsd_core.processor import PromptProcessor, build_text_tokenizer
@@ -160,6 +162,38 @@ def write_bundle(model: MainModel, tokenizer: ActionTokenizer, out_dir: str | Pa
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + '\n')
     return weights
+
+
+def replace_action_tokenizer(bundle_dir: str | Path, tokenizer: ActionTokenizer,
+                             replaced_by: str) -> str:
+    """Swap a bundle's action tokenizer for `tokenizer` (same codes: a refitted decoder) and
+    record the new file's hash in the manifest, with `replaced_by` and the time. The bundle's
+    files must match its manifest first (a corrupted bundle is never re-blessed); the weights
+    hash (backbone and heads) is unchanged, so its draft stays valid. Returns the new
+    tokenizer's sha256."""
+    bundle_dir = Path(bundle_dir)
+    manifest = load_bundle_manifest(bundle_dir)
+    problems = file_hash_problems(bundle_dir, manifest)
+    if problems:
+        raise ValueError(f'{bundle_dir}: weight files do not match the manifest, not replacing '
+                         'its tokenizer: ' + '; '.join(problems))
+    target, staging = bundle_dir / 'action_tokenizer', bundle_dir / '.action_tokenizer-new'
+    shutil.rmtree(staging, ignore_errors=True)
+    tokenizer.save(staging)
+    make_readable(staging)
+    old = bundle_dir / '.action_tokenizer-old'
+    target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old)
+    manifest[FILE_HASHES] = file_hashes(bundle_dir)
+    digest = manifest[FILE_HASHES]['action_tokenizer/action_tokenizer.safetensors']
+    manifest['provenance']['action_tokenizer_replaced'] = {
+        'by': replaced_by, 'time': datetime.now(UTC).isoformat(timespec='seconds'),
+        'sha256': digest}
+    partial = bundle_dir / f'.{MANIFEST}.partial'
+    partial.write_text(json.dumps(manifest, indent=2, sort_keys=True) + '\n')
+    os.replace(partial, bundle_dir / MANIFEST)
+    return digest
 
 
 def build_main_bundle(out_dir: str | Path, preset: str, tokenizer: ActionTokenizer, seed: int = 0,

@@ -109,7 +109,7 @@ def test_train_draft_learns_the_tiny_main(tiny_bundle, tmp_path, capsys, caplog)
     """
     observations = write_synthetic_observations(tmp_path / 'obs', count=60, seed=1)
     out = tmp_path / 'draft'
-    status = rsd(['train-draft', '--model', str(tiny_bundle), '--observations',
+    status = rsd(['train-draft', '--kind', 'v1', '--model', str(tiny_bundle), '--observations',
                   str(observations), '--out', str(out), '--samples', '600', '--epochs', '30',
                   '--seed', '0', '--json'])
     assert status == 0

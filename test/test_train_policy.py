@@ -226,10 +226,12 @@ def test_draft_is_distilled_from_the_trained_model(trained):
     out, metrics = trained
     draft_manifest = json.loads((out / 'draft' / 'draft.json').read_text())
     assert draft_manifest['provenance']['main_weights_sha256'] == metrics['weights_sha256']
+    assert draft_manifest['kind'] == 'v2'           # train-policy distils v2 unless told
     assert metrics['draft']['held_out_samples'] >= 1
     engine = RSDEngine.from_dirs(out)  # the bundle's draft
     actions, stats = engine.predict(upright_frame('blue', 2), LONG_TASK, use_draft=True)
-    assert actions.shape == (8, 7) and stats.used_draft and stats.layers_proposed == 3
+    assert actions.shape == (8, 7) and stats.used_draft
+    assert stats.layers_proposed >= 3 and stats.rounds >= 1         # K = 3 a round, rolling
 
 
 def test_proprioception_is_learned_from_the_joint_states(trained_on_state):

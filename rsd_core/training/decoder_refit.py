@@ -19,6 +19,7 @@ reconstruction report before and after is printed and stored in the manifest.
 import argparse
 from dataclasses import replace
 import logging
+from pathlib import Path
 import sys
 import time
 
@@ -26,6 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from rsd_core.bundle import MANIFEST
+from rsd_core.bundle_build import replace_action_tokenizer
 from rsd_core.threads import torch_threads
 from rsd_core.tokenizer import ActionTokenizer
 from rsd_core.training.schedule import warmup_cosine
@@ -122,12 +125,14 @@ def _fit(tokenizer: ActionTokenizer, train: np.ndarray, steps: int, seed: int, l
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `rsd refit-decoder` options."""
-    parser.add_argument('tokenizer', help='action tokenizer directory to start from (its '
-                                          'encoder, quantiser and normaliser are kept)')
+    parser.add_argument('source', help='action tokenizer directory to start from (its encoder, '
+                                       'quantiser and normaliser are kept), or a main bundle')
     parser.add_argument('--demos', nargs='+', required=True, metavar='PATH',
                         help='LIBERO HDF5 demo files or directories (actions only are read; '
                              'collect-demos --no-images is enough)')
-    parser.add_argument('--out', required=True, metavar='DIR', help='output directory')
+    parser.add_argument('--out', metavar='DIR', help='output directory (default, for a bundle: '
+                        "the bundle's own action tokenizer, replaced in place with its hash "
+                        'recorded in the manifest)')
     parser.add_argument('--coarse-layers', type=int, default=3,
                         help='layers the decoder MLP sees (default 3)')
     parser.add_argument('--bound-depth', type=int, default=3,
@@ -142,22 +147,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`rsd refit-decoder`: refit, save, print both reconstruction reports; exit 1 on bad input."""
+    source = Path(args.source)
+    bundle = source if (source / MANIFEST).is_file() else None
     try:
-        old = ActionTokenizer.load(args.tokenizer)
+        if bundle is None and args.out is None:
+            raise ValueError(f'{source} is a tokenizer directory, not a bundle: give --out')
+        old = ActionTokenizer.load(source / 'action_tokenizer' if bundle else source)
         new = refit_decoder(old, load_demo_chunks(args.demos), args.coarse_layers, args.steps,
                             args.seed, bound_depth=args.bound_depth,
                             bound_target=args.bound_target, bound_weight=args.bound_weight)
-    except ValueError as exc:
+        info = new.training_info['decoder_refit']
+        info['demos'] = [str(path) for path in args.demos]
+        if bundle is not None and args.out is None:
+            weights = replace_action_tokenizer(bundle, new, 'rsd refit-decoder')
+        else:
+            weights = new.save(args.out)
+    except ValueError as exc:           # CheckpointError included
         logger.error('%s', exc)
         return 1
-    info = new.training_info['decoder_refit']
-    info['demos'] = [str(path) for path in args.demos]
-    weights = new.save(args.out)
     print(f'held-out reconstruction ({info["heldout_chunks"]} chunks), before the refit:')
     print(format_report(info['reconstruction_before']))
     print(f'after (decoder MLP sees layers 0..{args.coarse_layers - 1}):')
     print(format_report(new.reconstruction))
     print(f'certified bound with {args.bound_depth} layers kept: '
           f'{info["certified_bound_at_depth"]:.5f} action units (max over values)')
-    print(f'saved {weights}')
+    print(f'saved {weights}' + (f' into {bundle} (manifest updated)'
+                                if bundle is not None and args.out is None else ''))
     return 0

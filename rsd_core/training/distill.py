@@ -46,6 +46,9 @@ from rsd_core.training.draft_v2_training import FeatureRecording, train_feature_
 logger = logging.getLogger(__name__)
 
 KINDS = ('v1', 'v2')
+# The kind `rsd train-draft` and `rsd train-policy` distil unless told: v2 agrees with the main
+# more often at a fifth of v1's size (the comparison in docs/PERFORMANCE.md).
+DEFAULT_KIND = 'v2'
 
 
 def sample_plan(num_sources: int, samples: int, augment_images: bool) -> list[tuple[int, int]]:
@@ -265,7 +268,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='observation directory (index.jsonl + images/)')
     parser.add_argument('--out', default=None, help='draft output directory (default: '
                         '<model>/draft)')
-    parser.add_argument('--kind', choices=KINDS, default='v1',
+    parser.add_argument('--kind', choices=KINDS, default=DEFAULT_KIND,
                         help="'v1': the seed architecture, from h0; 'v2': reads the main's "
                              'features and uses its head (EAGLE-style)')
     parser.add_argument('--num-proposals', type=int, default=3,

@@ -271,6 +271,7 @@ def distill(run: Run, observations: Path) -> dict:
     write_frame_observations(run.frames, samples, observations)
     metrics = distill_draft(run.out, observations, run.out / 'draft',
                             samples=config.draft_samples, epochs=config.draft_epochs,
+                            kind=config.draft_kind,
                             seed=config.seed, progress=config.progress, device=config.device)
     logger.info('draft: %s', draft_summary(metrics))
     return {k: v for k, v in metrics.items() if k != 'history'}

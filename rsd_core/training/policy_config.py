@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 
 from rsd_core.bundle_build import PRESETS
+from rsd_core.training.distill import DEFAULT_KIND, KINDS
 from rsd_core.training.teacher_forcing import AUTOCAST_DTYPES
 
 
@@ -61,6 +62,8 @@ class TrainPolicyConfig:
         'help': 'recompute activations in the backward pass (less memory)'})
     distill_draft: bool = field(default=True, metadata={
         'help': 'distil the default draft into <out>/draft afterwards'})
+    draft_kind: str = field(default=DEFAULT_KIND, metadata={
+        'help': "the draft's architecture (see rsd train-draft --kind)", 'choices': KINDS})
     draft_observations: int = field(default=256, metadata={
         'help': 'demo frames used as draft observations'})
     draft_samples: int = field(default=1024, metadata={'help': 'draft distillation samples'})
