@@ -1,25 +1,23 @@
 #!/usr/bin/env bash
 # Rebuild the trained default bundle (models/default) from nothing but this repository: the
-# exact commands and seeds that made the committed one. About 2 h of demonstrations and 1 h 40 min
-# of training and draft distillation on 2 CPU cores.
+# exact commands and seeds that made the committed one. About 35 min of demonstrations and
+# 2 h of training and draft distillation on 2 CPU cores.
 #
 #   scripts/build_trained_default.sh [OUT]     (default OUT: models/default-rebuilt)
 #
-# 1. collect-demos: the scripted expert on the 10 libero_spatial tasks (128 px agent view,
-#    seed 0) in two processes: initial states 0-11 and 17-20 into a/, 21-36 into b/. Initial
-#    states 12-16 are never demonstrated: the README's held-out evaluation runs on them. The
-#    expert fails a few states of tasks 4 and 6, so those two tasks are then tried on states
-#    21-38 into b/ (--resume skips what is already there): at least 30 episodes for every task.
+# 1. collect-demos: the scripted expert on the 10 libero_spatial tasks x initial states 0-11,
+#    in two processes (initial states 0-5 and 6-11, one directory each; 128 px agent view).
 # 2. train-policy on images and language (--no-proprio): the 'small' preset (128 px, 64 image
-#    tokens, 6.1 M parameters) by behaviour cloning with image augmentation, seed 0; it fits the
-#    action tokenizer on the demos first (episodes held out by task: 10 %). Into OUT-vision.
+#    tokens, 6.1 M parameters) by behaviour cloning on those demos, seed 0; it fits the action
+#    tokenizer on the demos first. Into OUT-vision.
 # 3. train-policy --init OUT-vision: the same model given proprioception (the arm joint and
 #    gripper finger positions, one prompt position), fine-tuned on the same demos with the same
-#    action tokenizer; it distils the v2 draft into OUT/draft at the end.
+#    action tokenizer; it distils the (v1) draft into OUT/draft at the end.
 # 4. refit-decoder: the tokenizer's decoder refitted so its fine layers admit a tight certified
 #    depth (rsd_core.training.decoder_refit; encoder, quantiser and codes unchanged, so the policy
-#    and its draft are untouched), on the same demos' actions; the bundle's tokenizer is
-#    replaced in place and the manifest records its new file hash.
+#    is untouched), on the same demos' actions; the bundle's tokenizer is replaced in place and
+#    the manifest records its new file hash. The committed bundle's decoder came from demos
+#    collected with --no-images (identical actions: the expert does not look at the camera).
 # Every stage is resumable: run the script again after an interruption.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,39 +28,38 @@ DEMOS="${DEMOS:-$ROOT/demos/libero_spatial}"
 source "$ROOT/scripts/ros_env.sh"
 RSD="$ROOT/.venv/bin/rsd"
 
-COLLECT=("$RSD" collect-demos --suite libero_spatial --seed 0 --resume)
-"${COLLECT[@]}" --init-states 0 1 2 3 4 5 6 7 8 9 10 11 17 18 19 20 --out "$DEMOS/a" &
+"$RSD" collect-demos --suite libero_spatial --init-states 0 1 2 3 4 5 --seed 0 \
+  --out "$DEMOS/a" --resume &
 first=$!
-"${COLLECT[@]}" --init-states $(seq 21 36) --out "$DEMOS/b"
+"$RSD" collect-demos --suite libero_spatial --init-states 6 7 8 9 10 11 --seed 0 \
+  --out "$DEMOS/b" --resume
 wait "$first"
-"${COLLECT[@]}" --tasks 4 6 --init-states $(seq 21 38) --out "$DEMOS/b"
 
-# Stage 2 in two sessions, exactly as the committed bundle was made: a 6000-step cosine schedule
-# stopped at step 500 (the session ended), then continued (--resume) under a 3000-step schedule
-# (a shorter decay from the same peak of 5e-4, so that the whole build fit one more session).
+# Stage 2 in two sessions, exactly as the committed bundle was made: a 2400-step cosine schedule
+# stopped at step 2000, then continued (--resume) under a 4000-step schedule, which raises the
+# learning rate again from ~3e-5 to ~2.5e-4 (a warm restart) and decays it to zero at step 4000.
 VISION="$OUT-vision"
 TRAIN=("$RSD" train-policy --demos "$DEMOS/a" "$DEMOS/b" --out "$VISION" --preset small --seed 0
-  --batch-size 32 --lr 5e-4 --threads 2 --eval-every 500 --save-every 250 --no-proprio
+  --batch-size 32 --lr 5e-4 --threads 2 --eval-every 400 --save-every 400 --no-proprio
   --no-distill-draft)
 if [[ ! -f "$VISION/manifest.json" ]]; then
   last="$(find "$VISION/checkpoint" -maxdepth 1 -name 'step-*' 2>/dev/null | sort | tail -n 1)"
   step=0
   [[ -n "$last" ]] && step=$((10#${last##*step-}))
-  if ((step < 500)); then
+  if ((step < 2000)); then
     resume=()
     ((step > 0)) && resume=(--resume)
-    "${TRAIN[@]}" --steps 6000 --stop-after 500 "${resume[@]}"
+    "${TRAIN[@]}" --steps 2400 --stop-after 2000 "${resume[@]}"
   fi
-  "${TRAIN[@]}" --steps 3000 --resume
+  "${TRAIN[@]}" --steps 4000 --resume
 fi
 
-# Stage 3: proprioception, 2500 steps at a peak learning rate of 3e-4, then the v2 draft.
+# Stage 3: proprioception, 4000 steps at a peak learning rate of 3e-4, then the draft.
 resume=()
 [[ -d "$OUT/checkpoint" ]] && resume=(--resume)
 "$RSD" train-policy --demos "$DEMOS/a" "$DEMOS/b" --out "$OUT" --init "$VISION" \
   --tokenizer "$VISION/action_tokenizer" --seed 0 --batch-size 32 --lr 3e-4 --threads 2 \
-  --eval-every 500 --save-every 250 --steps 2500 --draft-kind v2 --draft-epochs 20 \
-  "${resume[@]}"
+  --eval-every 400 --save-every 400 --steps 4000 --draft-kind v1 "${resume[@]}"
 # Stage 4: certified-depth decoder (once: the manifest's coarse_layers says whether it is done).
 coarse="$("$ROOT/.venv/bin/python" -c 'import json, sys
 print(json.load(open(sys.argv[1]))["config"].get("coarse_layers", 0))' \
