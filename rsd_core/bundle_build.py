@@ -180,7 +180,6 @@ def replace_action_tokenizer(bundle_dir: str | Path, tokenizer: ActionTokenizer,
     target, staging = bundle_dir / 'action_tokenizer', bundle_dir / '.action_tokenizer-new'
     shutil.rmtree(staging, ignore_errors=True)
     tokenizer.save(staging)
-    make_readable(staging)
     old = bundle_dir / '.action_tokenizer-old'
     target.rename(old)
     staging.rename(target)

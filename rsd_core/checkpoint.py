@@ -6,6 +6,7 @@ A component lives in a directory as `<name>.safetensors` (tensors) beside `<name
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -19,11 +20,15 @@ class CheckpointError(ValueError):
 
 def save_component(directory: str | Path, name: str, tensors: dict[str, torch.Tensor],
                    manifest: dict) -> Path:
-    """Write `<name>.safetensors` and `<name>.json` into `directory`; return the weights path."""
+    """Write `<name>.safetensors` and `<name>.json` into `directory`; return the weights path.
+    Both get the umask's permissions (safetensors creates its files owner-only)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / f'{name}.safetensors'
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(weights))
+    umask = os.umask(0)
+    os.umask(umask)
+    weights.chmod(0o666 & ~umask)
     manifest = dict(manifest, weights_sha256=file_sha256(weights))
     (directory / f'{name}.json').write_text(json.dumps(manifest, indent=2, sort_keys=True) + '\n')
     return weights

@@ -1,6 +1,7 @@
 """Bundle layout, hashes, presets, default location and `rsd build-default`."""
 
 import json
+import os
 from pathlib import Path
 import shutil
 
@@ -209,3 +210,15 @@ def test_a_flipped_bit_in_any_weight_file_is_refused_naming_the_file(tiny_bundle
     weights.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=weights.name):
         MainModel.from_dir(copy)
+
+
+def test_saved_weights_get_the_umask_permissions(tmp_path):
+    """safetensors creates its files owner-only; an installed bundle must be readable by the
+    user the node runs as."""
+    umask = os.umask(0o022)
+    try:
+        weights = save_component(tmp_path / 'c', 'thing', {'w': torch.zeros(2)}, {'format': 'x'})
+    finally:
+        os.umask(umask)
+    assert weights.stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / 'c' / 'thing.json').stat().st_mode & 0o777 == 0o644
