@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the trained default bundle (models/default) from nothing but this repository: the
 # exact commands and seeds that made the committed one. About 35 min of demonstrations and
-# 2 h of training and draft distillation on 2 CPU cores.
+# 2 h of training and 15 min of draft distillation on 2 CPU cores.
 #
 #   scripts/build_trained_default.sh [OUT]     (default OUT: models/default-rebuilt)
 #
@@ -12,12 +12,14 @@
 #    tokenizer on the demos first. Into OUT-vision.
 # 3. train-policy --init OUT-vision: the same model given proprioception (the arm joint and
 #    gripper finger positions, one prompt position), fine-tuned on the same demos with the same
-#    action tokenizer; it distils the (v1) draft into OUT/draft at the end.
+#    action tokenizer.
 # 4. refit-decoder: the tokenizer's decoder refitted so its fine layers admit a tight certified
 #    depth (rsd_core.training.decoder_refit; encoder, quantiser and codes unchanged, so the policy
 #    is untouched), on the same demos' actions; the bundle's tokenizer is replaced in place and
 #    the manifest records its new file hash. The committed bundle's decoder came from demos
 #    collected with --no-images (identical actions: the expert does not look at the camera).
+# 5. train-draft --kind v2: the draft, distilled from OUT on the recorded LIBERO observations of
+#    initial states 0-7 in data/observations/libero_spatial (states 8-9 stay held out).
 # Every stage is resumable: run the script again after an interruption.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -54,12 +56,12 @@ if [[ ! -f "$VISION/manifest.json" ]]; then
   "${TRAIN[@]}" --steps 4000 --resume
 fi
 
-# Stage 3: proprioception, 4000 steps at a peak learning rate of 3e-4, then the draft.
+# Stage 3: proprioception, 4000 steps at a peak learning rate of 3e-4.
 resume=()
 [[ -d "$OUT/checkpoint" ]] && resume=(--resume)
 "$RSD" train-policy --demos "$DEMOS/a" "$DEMOS/b" --out "$OUT" --init "$VISION" \
   --tokenizer "$VISION/action_tokenizer" --seed 0 --batch-size 32 --lr 3e-4 --threads 2 \
-  --eval-every 400 --save-every 400 --steps 4000 --draft-kind v1 "${resume[@]}"
+  --eval-every 400 --save-every 400 --steps 4000 --no-distill-draft "${resume[@]}"
 # Stage 4: certified-depth decoder (once: the manifest's coarse_layers says whether it is done).
 coarse="$("$ROOT/.venv/bin/python" -c 'import json, sys
 print(json.load(open(sys.argv[1]))["config"].get("coarse_layers", 0))' \
@@ -67,5 +69,21 @@ print(json.load(open(sys.argv[1]))["config"].get("coarse_layers", 0))' \
 if [[ "$coarse" == 0 ]]; then
   "$RSD" refit-decoder "$OUT" --demos "$DEMOS/a" "$DEMOS/b" --coarse-layers 3 --bound-depth 3 \
     --bound-target 0.016 --bound-weight 0.1 --steps 1500 --seed 0
+fi
+# Stage 5: the v2 draft (once: draft.json says which kind is there).
+if [[ ! -f "$OUT/draft/draft.json" ]] || ! grep -q '"kind": "v2"' "$OUT/draft/draft.json"; then
+  OBS="$OUT-observations-0-7"
+  "$ROOT/.venv/bin/python" - "$ROOT/data/observations/libero_spatial" "$OBS" <<'PY'
+import json, os, sys
+source, target = sys.argv[1:]
+os.makedirs(target, exist_ok=True)
+if not os.path.exists(os.path.join(target, 'images')):
+    os.symlink(os.path.join(source, 'images'), os.path.join(target, 'images'))
+with open(os.path.join(source, 'index.jsonl')) as f:
+    rows = [line for line in f if json.loads(line)['init_state'] <= 7]
+with open(os.path.join(target, 'index.jsonl'), 'w') as f:
+    f.writelines(rows)
+PY
+  "$RSD" train-draft --kind v2 --model "$OUT" --observations "$OBS" --seed 0
 fi
 echo "trained bundle in $OUT (use it with RSD_MODEL_DIR=$OUT, or move it to models/default)"
