@@ -8,8 +8,6 @@ calls (`rsd build-default`, `rsd train-policy`); the layout it writes is `rsd_co
 
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-import json
-import os
 from pathlib import Path
 import shutil
 
@@ -34,6 +32,7 @@ from rsd_core.bundle import (
     file_hashes,
     load_bundle_manifest,
 )
+from rsd_core.checkpoint import current_umask, file_sha256, write_manifest
 from rsd_core.main_model import MainModel, quiet_transformers
 from rsd_core.processor import PromptProcessor, build_text_tokenizer
 from rsd_core.tokenizer import ActionTokenizer
@@ -160,7 +159,7 @@ def write_bundle(model: MainModel, tokenizer: ActionTokenizer, out_dir: str | Pa
                        'transformers_version': transformers.__version__,
                        'torch_version': torch.__version__, **provenance},
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + '\n')
+    write_manifest(out_dir / MANIFEST, manifest)
     return weights
 
 
@@ -184,14 +183,12 @@ def replace_action_tokenizer(bundle_dir: str | Path, tokenizer: ActionTokenizer,
     target.rename(old)
     staging.rename(target)
     shutil.rmtree(old)
-    manifest[FILE_HASHES] = file_hashes(bundle_dir)
-    digest = manifest[FILE_HASHES]['action_tokenizer/action_tokenizer.safetensors']
+    digest = file_sha256(target / 'action_tokenizer.safetensors')
+    manifest[FILE_HASHES]['action_tokenizer/action_tokenizer.safetensors'] = digest
     manifest['provenance']['action_tokenizer_replaced'] = {
         'by': replaced_by, 'time': datetime.now(UTC).isoformat(timespec='seconds'),
         'sha256': digest}
-    partial = bundle_dir / f'.{MANIFEST}.partial'
-    partial.write_text(json.dumps(manifest, indent=2, sort_keys=True) + '\n')
-    os.replace(partial, bundle_dir / MANIFEST)
+    write_manifest(bundle_dir / MANIFEST, manifest)
     return digest
 
 
@@ -221,7 +218,6 @@ def build_main_bundle(out_dir: str | Path, preset: str, tokenizer: ActionTokeniz
 def make_readable(directory: Path) -> None:
     """Give a staged bundle the permissions of the umask (temporary directories and
     safetensors files are created owner-only)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     for path in [directory, *directory.rglob('*')]:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

@@ -26,12 +26,25 @@ def save_component(directory: str | Path, name: str, tensors: dict[str, torch.Te
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / f'{name}.safetensors'
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(weights))
+    weights.chmod(0o666 & ~current_umask())
+    write_manifest(directory / f'{name}.json', dict(manifest, weights_sha256=file_sha256(weights)))
+    return weights
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
     umask = os.umask(0)
     os.umask(umask)
-    weights.chmod(0o666 & ~umask)
-    manifest = dict(manifest, weights_sha256=file_sha256(weights))
-    (directory / f'{name}.json').write_text(json.dumps(manifest, indent=2, sort_keys=True) + '\n')
-    return weights
+    return umask
+
+
+def write_manifest(path: str | Path, manifest: dict) -> None:
+    """Write a JSON manifest (sorted keys, indented) atomically: readers see the old or the new
+    file, never a part."""
+    path = Path(path)
+    partial = path.with_name(f'.{path.name}.partial')
+    partial.write_text(json.dumps(manifest, indent=2, sort_keys=True) + '\n')
+    os.replace(partial, path)
 
 
 def load_manifest(path: str | Path, expected_format: str) -> dict:

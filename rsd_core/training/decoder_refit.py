@@ -148,18 +148,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """`rsd refit-decoder`: refit, save, print both reconstruction reports; exit 1 on bad input."""
     source = Path(args.source)
-    bundle = source if (source / MANIFEST).is_file() else None
+    is_bundle = (source / MANIFEST).is_file()
+    in_place = is_bundle and args.out is None
     try:
-        if bundle is None and args.out is None:
+        if not is_bundle and args.out is None:
             raise ValueError(f'{source} is a tokenizer directory, not a bundle: give --out')
-        old = ActionTokenizer.load(source / 'action_tokenizer' if bundle else source)
+        old = ActionTokenizer.load(source / 'action_tokenizer' if is_bundle else source)
         new = refit_decoder(old, load_demo_chunks(args.demos), args.coarse_layers, args.steps,
                             args.seed, bound_depth=args.bound_depth,
                             bound_target=args.bound_target, bound_weight=args.bound_weight)
         info = new.training_info['decoder_refit']
         info['demos'] = [str(path) for path in args.demos]
-        if bundle is not None and args.out is None:
-            weights = replace_action_tokenizer(bundle, new, 'rsd refit-decoder')
+        if in_place:
+            weights = replace_action_tokenizer(source, new, 'rsd refit-decoder')
         else:
             weights = new.save(args.out)
     except ValueError as exc:           # CheckpointError included
@@ -171,6 +172,5 @@ def run(args: argparse.Namespace) -> int:
     print(format_report(new.reconstruction))
     print(f'certified bound with {args.bound_depth} layers kept: '
           f'{info["certified_bound_at_depth"]:.5f} action units (max over values)')
-    print(f'saved {weights}' + (f' into {bundle} (manifest updated)'
-                                if bundle is not None and args.out is None else ''))
+    print(f'saved {weights}' + (f' into {source} (manifest updated)' if in_place else ''))
     return 0
