@@ -85,7 +85,8 @@ PARAMETERS = {
     'chunk_timeout': (5.0, 's without an answer before the observation is republished'),
     'chunk_len': (8, 'expected points per chunk; 0 = any number'),
     'action_limit': (1.0, 'positions beyond +- this (action units) refuse the chunk'),
-    'observation_interval': (0, 'realtime: observe every N ticks; 0 = when the chunk runs out'),
+    'observation_interval': (0, 'observe every N control steps (lockstep: execute the first N '
+                                'points of each chunk); 0 = when the chunk runs out'),
     'settle_steps': (10, 'no-op steps after loading an initial state (objects drop)'),
     'video_path': ('', 'write the first episode as MP4 (or GIF by extension); empty = none'),
     'frame_id': ('agentview', 'frame_id of the published images'),
@@ -394,7 +395,9 @@ class LiberoBridge(Node):
         """The configured mode's scheduler over a new executor (its counters go to
         /diagnostics)."""
         if self.config['mode'] == 'lockstep':
-            scheduler = LockstepScheduler(LockstepExecutor(self.validator), link)
+            executor = LockstepExecutor(self.validator,
+                                        horizon=self.config['observation_interval'])
+            scheduler = LockstepScheduler(executor, link)
         else:
             scheduler = RealtimeScheduler(
                 RealtimeExecutor(self.validator), link,

@@ -6,8 +6,9 @@ to `stamp`, and `stamp` = the stamp of the image the chunk was computed from. Ti
 integer nanoseconds on the ROS clock (stamps) or float seconds (durations).
 
 - `ChunkValidator` turns a message into a `Chunk` or raises `ChunkRejected` with the reason.
-- `LockstepExecutor`: the sim waits for each chunk; every point is executed, then the bridge
-  observes again. A rejected answer makes the arm hold still for one chunk length.
+- `LockstepExecutor`: the sim waits for each chunk; its first `horizon` points (all by default)
+  are executed, then the bridge observes again. A rejected answer makes the arm hold still for
+  one execution horizon.
 - `RealtimeExecutor`: the sim runs on the wall clock; at each tick it executes the point of the
   newest chunk that is due at the tick's time. Points whose time passed before the chunk
   arrived are skipped (delay compensation from the stamp); with no due point the arm holds.
@@ -140,12 +141,19 @@ class LockstepExecutor:
 
     `expect(stamp)` registers a published observation (a republished one adds its new stamp:
     the sim has not moved, so an answer to any of them is valid). `offer` takes a message and
-    returns True when it answered the awaited observation; its points (or a hold of
-    `validator.chunk_len` steps if it was rejected) are then handed out by `next_action`.
+    returns True when it answered the awaited observation; its first `horizon` points (or a hold
+    of that many steps if it was rejected) are then handed out by `next_action`.
+
+    horizon: points executed per chunk before observing again (the execution horizon); 0 = all
+    of them (a rejected chunk then holds for `validator.chunk_len` steps, or 1 if that is 0).
+    Points beyond it count as `superseded_steps`.
     """
 
-    def __init__(self, validator: ChunkValidator):
+    def __init__(self, validator: ChunkValidator, horizon: int = 0):
+        if horizon < 0:
+            raise ValueError(f'horizon must be >= 0 (0 = every point), got {horizon}')
         self.validator = validator
+        self.horizon = horizon
         self.counters = ExecutorCounters()
         self.gripper = GRIPPER_OPEN
         self._awaited: set[int] = set()
@@ -174,13 +182,15 @@ class LockstepExecutor:
             chunk = self.validator(msg)
         except ChunkRejected:
             self.counters.rejected_chunks += 1
-            count = self.validator.chunk_len or 1
+            count = self.horizon or self.validator.chunk_len or 1
             hold = hold_action(self.gripper, len(self.validator.action_names))
             self._plan = [(hold, True)] * count
             raise
         self.counters.executed_chunks += 1
         self.counters.latencies.append(chunk.latency)
-        self._plan = [(action, False) for action in chunk.actions]
+        kept = chunk.actions[:self.horizon] if self.horizon else chunk.actions  # [H, A]
+        self.counters.superseded_steps += len(chunk.actions) - len(kept)
+        self._plan = [(action, False) for action in kept]
         return True
 
     @property

@@ -76,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--max-steps', type=int, default=0,
                         help='control steps per episode (0 = the suite horizon)')
     parser.add_argument('--camera-size', type=int, default=128, help='camera image size, px')
+    parser.add_argument('--execute', type=int, default=0,
+                        help="points of each chunk executed before the bridge observes again "
+                             "(the bridge's observation_interval; 0 = the whole chunk)")
     parser.add_argument('--seed', type=int, default=0, help='scene seed of the bridge')
     parser.add_argument('--chunk-timeout', type=float, default=10.0,
                         help='s without an answer before the bridge republishes')
@@ -130,6 +133,7 @@ def bridge_command(args: argparse.Namespace, run: Run, results: Path, video: Pat
         'results_file': str(results), 'chunk_timeout': args.chunk_timeout,
         'video_path': str(video) if video else '',
         'mcap_dir': str(mcap_dir) if mcap_dir else '',
+        'observation_interval': args.execute,
     }
     argv = [console_script(BRIDGE_SCRIPT), '--ros-args']
     if args.arms > 1:
@@ -146,7 +150,7 @@ def check_args(args: argparse.Namespace) -> tuple[list[int], list[list[Run]]]:
 
     if args.trials < 1:
         raise ValueError(f'--trials must be >= 1, got {args.trials}')
-    for name in ('max_steps', 'init_state'):
+    for name in ('max_steps', 'init_state', 'execute'):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
     if args.chunk_timeout <= 0 or args.startup_timeout <= 0 or args.episode_timeout <= 0:
@@ -208,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
         'trials': args.trials, 'init_state': args.init_state,
         'max_steps': args.max_steps or 'suite horizon', 'model': args.model or 'default',
         'draft': 'none' if args.no_draft else args.draft, 'acceptance': args.acceptance,
-        'tolerance': args.tolerance, 'arms': args.arms,
+        'tolerance': args.tolerance, 'arms': args.arms, 'execute': args.execute or 'chunk',
         'ros_domain_id': domain,
     }
     logger.info('evaluating %s tasks %s x %d trials (%s, %d arm%s) in ROS domain %d; logs in %s',

@@ -165,6 +165,22 @@ def test_lockstep_republished_observation_accepts_an_answer_to_either_stamp_once
     assert executor.counters.stale_chunks == 1 and executor.remaining == 8
 
 
+def test_lockstep_execution_horizon_executes_the_first_points_and_holds_as_long():
+    executor = LockstepExecutor(validator(), horizon=3)
+    executor.expect(T0)
+    assert executor.offer(message(stamp_ns=T0, gripper=1.0))
+    assert [executor.next_action()[0] for _ in range(executor.remaining)] == [0, 1, 2]
+    assert executor.counters.superseded_steps == 5
+    executor.expect(T0 + 1000 * MS)
+    with pytest.raises(ChunkRejected):
+        executor.offer(message(stamp_ns=T0 + 1000 * MS, points=7))
+    assert executor.remaining == 3      # a rejected answer holds for one horizon, not a chunk
+    counters = executor.counters
+    assert (counters.rejected_chunks, counters.superseded_steps) == (1, 5)
+    with pytest.raises(ValueError, match='horizon'):
+        LockstepExecutor(validator(), horizon=-1)
+
+
 # --- real time --------------------------------------------------------------------------------
 
 PERIOD_NS = 50 * MS

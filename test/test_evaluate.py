@@ -266,3 +266,11 @@ def test_eval_runs_two_arms_against_one_policy(tmp_path, tiny_bundle):
     policy_log = (out / 'logs' / 'policy.log').read_text()
     assert "2 arms ['arm0', 'arm1']" in policy_log, policy_log[-3000:]
     assert 'arm 1 task 0 init_state 1' in result.stderr
+
+
+def test_execution_horizon_reaches_the_bridge_as_its_observation_interval(tmp_path):
+    bridge = evaluate.bridge_command(parse('--execute', '4'), Run(0, 0, 0, 1),
+                                     tmp_path / 'r.jsonl', None)
+    assert 'observation_interval:=4' in bridge
+    with pytest.raises(ValueError, match='--execute must be >= 0'):
+        evaluate.check_args(parse('--execute', '-1'))

@@ -101,9 +101,9 @@ def realtime(bridge, **kwargs):
     return scheduler, executor.counters
 
 
-def lockstep(bridge):
+def lockstep(bridge, horizon=0):
     executor = LockstepExecutor(ChunkValidator(action_names=NAMES, default_period=PERIOD,
-                                               action_limit=100.0))
+                                               action_limit=100.0), horizon=horizon)
     return LockstepScheduler(executor, bridge.link()), executor.counters
 
 
@@ -192,6 +192,16 @@ def test_lockstep_executes_every_point_whatever_the_latency():
     assert [a[0] for a in bridge.actions] == list(range(1, 9)) * 2
     assert [obs for obs, _ in bridge.published] == ['obs 0', 'obs 1']
     assert bridge.progress == [8, 16]
+
+
+def test_lockstep_execution_horizon_observes_after_that_many_points():
+    bridge = FakeBridge(steps=10, latency=0.3)
+    scheduler, counters = lockstep(bridge, horizon=4)
+    scheduler.run('obs 0')
+    assert [a[0] for a in bridge.actions] == [1, 2, 3, 4] * 2 + [1, 2]
+    assert [obs for obs, _ in bridge.published] == ['obs 0', 'obs 1', 'obs 2']
+    assert (counters.executed_chunks, counters.superseded_steps) == (3, 12)
+    assert bridge.progress == [4, 8, 10]
 
 
 def test_lockstep_republished_observation_accepts_the_answer_to_its_new_stamp():
