@@ -3,9 +3,12 @@
 Pure plumbing, no ROS import: the policy and the bridges are separate processes that meet in a
 private ROS domain (a free random ROS_DOMAIN_ID unless one is set; discovery kept on this
 machine), each started in its own session with its output in a log file, and stopped with
-SIGINT (rclpy shuts down cleanly), then SIGTERM, then SIGKILL.
+SIGINT (rclpy shuts down cleanly), then SIGTERM, then SIGKILL. Their own sessions keep a Ctrl-C
+or a SIGTERM of the evaluation from reaching them directly: `terminate_as_interrupt` turns the
+evaluation's SIGTERM and SIGHUP into the KeyboardInterrupt that stops them in order.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 import json
 import logging
@@ -25,6 +28,22 @@ logger = logging.getLogger(__name__)
 class InfrastructureError(RuntimeError):
     """The evaluation could not run (as opposed to a policy failing its task)."""
 
+
+
+@contextmanager
+def terminate_as_interrupt():
+    """Within the block, SIGTERM and SIGHUP raise KeyboardInterrupt, as SIGINT does (so a
+    `kill` of the evaluation stops its children instead of orphaning them); the previous
+    handlers come back afterwards. Main thread only."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def console_script(name: str) -> str:

@@ -38,6 +38,7 @@ from sim_bridge.eval_processes import (
     console_script,
     pick_domain_id,
     ros_param,
+    terminate_as_interrupt,
 )
 from sim_bridge.eval_summary import markdown_table, summarize
 
@@ -233,28 +234,29 @@ def run(args: argparse.Namespace) -> int:
                for arm, runs in enumerate(dealt)]
     records: list[dict] = []
     status = 0
-    policy = Child.start('policy', policy_argv, env, out / 'logs' / 'policy.log')
-    try:
-        with tqdm(total=len(tasks) * args.trials, desc='episodes', unit='ep',
-                  file=sys.stderr) as progress:
-            def on_record(arm: int, record: dict) -> None:
-                if args.arms > 1:
-                    record = {**record, 'arm': arm}
-                records.append(record)
-                with results.open('a') as stream:
-                    stream.write(json.dumps(record) + '\n')
-                progress.write(progress_line(record, args.arms), file=sys.stderr)
-                progress.update()
+    with terminate_as_interrupt():
+        policy = Child.start('policy', policy_argv, env, out / 'logs' / 'policy.log')
+        try:
+            with tqdm(total=len(tasks) * args.trials, desc='episodes', unit='ep',
+                      file=sys.stderr) as progress:
+                def on_record(arm: int, record: dict) -> None:
+                    if args.arms > 1:
+                        record = {**record, 'arm': arm}
+                    records.append(record)
+                    with results.open('a') as stream:
+                        stream.write(json.dumps(record) + '\n')
+                    progress.write(progress_line(record, args.arms), file=sys.stderr)
+                    progress.update()
 
-            run_arms(runners, policy, on_record)
-    except InfrastructureError as exc:
-        logger.error('%s', exc)
-        status = 1
-    except KeyboardInterrupt:
-        logger.error('interrupted; stopping the processes')
-        status = 130
-    finally:
-        policy.stop()
+                run_arms(runners, policy, on_record)
+        except InfrastructureError as exc:
+            logger.error('%s', exc)
+            status = 1
+        except KeyboardInterrupt:
+            logger.error('interrupted; stopping the processes')
+            status = 130
+        finally:
+            policy.stop()
     summary = summarize(records, tasks, config)
     summary['complete'] = status == 0
     summary['results_file'] = str(results)

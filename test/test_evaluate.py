@@ -274,3 +274,23 @@ def test_execution_horizon_reaches_the_bridge_as_its_observation_interval(tmp_pa
     assert 'observation_interval:=4' in bridge
     with pytest.raises(ValueError, match='--execute must be >= 0'):
         evaluate.check_args(parse('--execute', '-1'))
+
+
+def test_sigterm_stops_the_evaluation_and_its_policy_process(tmp_path):
+    pid_file = tmp_path / 'policy.pid'
+    sleeper = (f'{sys.executable} -c "import os, time; '
+               f"open('{pid_file}', 'w').write(str(os.getpid())); time.sleep(600)\"")
+    evaluation = subprocess.Popen(
+        [str(Path(sys.executable).parent / 'rsd'), 'eval-libero', '--tasks', '0',
+         '--out', str(tmp_path / 'out'), '--policy-command', sleeper],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60.0
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    policy = int(pid_file.read_text())
+    evaluation.terminate()
+    _, stderr = evaluation.communicate(timeout=60)
+    assert evaluation.returncode == 130, stderr[-2000:]
+    assert 'interrupted; stopping the processes' in stderr
+    assert not Path(f'/proc/{policy}').exists(), 'the policy process was left running'
+    assert json.loads((tmp_path / 'out' / 'summary.json').read_text())['complete'] is False
