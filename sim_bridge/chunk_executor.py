@@ -188,7 +188,7 @@ class LockstepExecutor:
             raise
         self.counters.executed_chunks += 1
         self.counters.latencies.append(chunk.latency)
-        kept = chunk.actions[:self.horizon] if self.horizon else chunk.actions  # [H, A]
+        kept = chunk.actions[:self.horizon or None]  # [H, A]
         self.counters.superseded_steps += len(chunk.actions) - len(kept)
         self._plan = [(action, False) for action in kept]
         return True

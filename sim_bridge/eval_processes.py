@@ -29,7 +29,6 @@ class InfrastructureError(RuntimeError):
     """The evaluation could not run (as opposed to a policy failing its task)."""
 
 
-
 @contextmanager
 def terminate_as_interrupt():
     """Within the block, SIGTERM and SIGHUP raise KeyboardInterrupt, as SIGINT does (so a
