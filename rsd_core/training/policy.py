@@ -62,7 +62,11 @@ from rsd_core.training.policy_config import TrainPolicyConfig
 from rsd_core.training.policy_eval import baselines, evaluate_policy
 from rsd_core.training.policy_setup import Run, identity, prepare
 from rsd_core.training.schedule import learning_rate
-from rsd_core.training.teacher_forcing import autocast, teacher_forced_logits
+from rsd_core.training.teacher_forcing import (
+    autocast,
+    teacher_forced_logits,
+    training_attention,
+)
 from rsd_core.training.train_state import (
     load_checkpoint,
     make_optimizer,
@@ -75,6 +79,23 @@ logger = logging.getLogger(__name__)
 WEIGHTS = 'behaviour cloning (rsd train-policy)'  # provenance['weights'] of its bundles
 
 
+def micro_batch(run: Run, train_pool: np.ndarray, micro: int) -> tuple[float, torch.Tensor]:
+    """Forward and backward of micro-batch `micro` of step run.step (gradients scaled by
+    1 / grad_accum); returns its loss and per-layer token accuracy [L]."""
+    config, model = run.config, run.model
+    seeds = [config.seed, run.step, micro]
+    indices = run.data.draw(train_pool, config.batch_size, np.random.default_rng(seeds))
+    generator = seeded_generator(*seeds) if config.augment else None
+    inputs, codes = run.data.batch(indices, generator)
+    codes = codes.to(model.device)
+    with autocast(model.device, config.dtype):
+        logits = teacher_forced_logits(model, inputs, codes)  # [B, L, C, V]
+    loss = layer_cross_entropy(logits, codes).mean()
+    (loss / config.grad_accum).backward()
+    with torch.no_grad():
+        return loss.item(), token_accuracy(logits.argmax(-1), codes)
+
+
 def train_step(run: Run, optimizer: torch.optim.Optimizer, train_pool: np.ndarray,
                warmup: int) -> tuple[float, torch.Tensor]:
     """One optimiser step (grad_accum micro-batches) at run.step; returns (loss, per-layer
@@ -85,19 +106,11 @@ def train_step(run: Run, optimizer: torch.optim.Optimizer, train_pool: np.ndarra
         group['lr'] = lr
     optimizer.zero_grad(set_to_none=True)
     total, accuracy = 0.0, 0.0
-    for micro in range(config.grad_accum):
-        seeds = [config.seed, run.step, micro]
-        indices = run.data.draw(train_pool, config.batch_size, np.random.default_rng(seeds))
-        generator = seeded_generator(*seeds) if config.augment else None
-        inputs, codes = run.data.batch(indices, generator)
-        codes = codes.to(model.device)
-        with autocast(model.device, config.dtype):
-            logits = teacher_forced_logits(model, inputs, codes)  # [B, L, C, V]
-        loss = layer_cross_entropy(logits, codes).mean()
-        (loss / config.grad_accum).backward()
-        total += loss.item() / config.grad_accum
-        with torch.no_grad():
-            accuracy = accuracy + token_accuracy(logits.argmax(-1), codes) / config.grad_accum
+    with training_attention(model.device, config.dtype):
+        for micro in range(config.grad_accum):
+            loss, micro_accuracy = micro_batch(run, train_pool, micro)
+            total += loss / config.grad_accum
+            accuracy = accuracy + micro_accuracy / config.grad_accum
     torch.nn.utils.clip_grad_norm_(list(trainable(model).values()), config.grad_clip)
     optimizer.step()
     return total, accuracy.cpu()
