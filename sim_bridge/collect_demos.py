@@ -5,6 +5,11 @@ state, recording at every control step the agent-view image and the robot state 
 step, and the action taken. Only successful episodes are kept; an episode ends at the first
 step where the task's goal holds, or fails at `--max-steps`.
 
+`--action-noise` (DART, Laskey et al. 2017) executes the expert's chunks with a random offset
+per chunk on the hand's translation (and `--rotation-noise` on its rotation) but records the
+expert's own actions: the demos then visit states off the expert's path, as a cloned policy's
+small errors do, with the expert's correction as the label.
+
 One file per task, `<out>/<task_name>_demo.hdf5`, in LIBERO's dataset layout:
 
     data/demo_<i>/actions                [N, 7] float32 (OSC_POSE deltas, gripper -1/+1)
@@ -63,6 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'data for fitting an action tokenizer, not a policy')
     parser.add_argument('--resume', action='store_true',
                         help='keep existing demos and skip their initial states')
+    parser.add_argument('--action-noise', type=float, default=0.0,
+                        help='std of a random offset added to the executed translation '
+                             'actions (dx, dy, dz), drawn once per chunk; the recorded actions '
+                             'stay as the expert chose them (default 0: none)')
+    parser.add_argument('--rotation-noise', type=float, default=0.0,
+                        help='the same for the rotation actions (droll, dpitch, dyaw)')
 
 
 def check_args(args: argparse.Namespace) -> list[int]:
@@ -71,6 +82,9 @@ def check_args(args: argparse.Namespace) -> list[int]:
         raise ValueError(f'--camera-size must be >= 8 px, got {args.camera_size}')
     if args.max_steps < 0:
         raise ValueError(f'--max-steps must be >= 0 (0 = suite horizon), got {args.max_steps}')
+    if not 0.0 <= args.action_noise <= 1.0 or not 0.0 <= args.rotation_noise <= 1.0:
+        raise ValueError(f'--action-noise and --rotation-noise must be in [0, 1] action units, '
+                         f'got {args.action_noise} and {args.rotation_noise}')
     if args.init_states is not None and min(args.init_states) < 0:
         raise ValueError(f'--init-states must be >= 0, got {args.init_states}')
     count = num_tasks(args.suite)
@@ -80,6 +94,33 @@ def check_args(args: argparse.Namespace) -> list[int]:
         raise ValueError(f'--tasks {bad} out of range: suite {args.suite!r} has tasks '
                          f'0..{count - 1}')
     return tasks
+
+
+@dataclass(frozen=True)
+class ActionNoise:
+    """Offsets added to the executed arm actions, one draw per chunk (action units).
+
+    translation, rotation: std of the (dx, dy, dz) and (droll, dpitch, dyaw) offsets; the
+    gripper is never perturbed. seed: of the draws, with the initial state (reproducible per
+    episode, whatever else ran before).
+    """
+    translation: float = 0.0
+    rotation: float = 0.0
+    seed: int = 0
+
+    @property
+    def active(self) -> bool:
+        """True when any offset is drawn."""
+        return self.translation > 0.0 or self.rotation > 0.0
+
+    def generator(self, init_state: int) -> np.random.Generator:
+        """The draws of one episode."""
+        return np.random.default_rng([self.seed, init_state])
+
+    def offset(self, rng: np.random.Generator) -> np.ndarray:
+        """One chunk's offset [7] (gripper 0)."""
+        std = np.array([self.translation] * 3 + [self.rotation] * 3 + [0.0])
+        return rng.normal(size=7) * std
 
 
 @dataclass
@@ -113,21 +154,26 @@ def quat_to_axis_angle(quat: np.ndarray) -> np.ndarray:
 
 
 def rollout(task: LiberoTask, expert: SpatialExpert, init_state: int, max_steps: int,
-            record: bool = True, images: bool = True) -> Episode:
+            record: bool = True, images: bool = True, noise: ActionNoise | None = None,
+            ) -> Episode:
     """Run the expert from `init_state` until success or `max_steps` control steps.
 
     record: keep the per-step observations (False: just run, for evaluation).
     images: render the camera into the record (False: robot state and actions only, ~10x
     faster; enough to fit an action tokenizer).
+    noise: executes each chunk with an offset (`ActionNoise`); the record keeps the expert's
+    actions.
     """
     started = time.perf_counter()
     task.reset(init_state)
     expert.reset()
     episode = Episode(init_state=init_state)
     sim = task.env.env.sim
+    rng = noise.generator(init_state) if noise is not None and noise.active else None
     while task.steps < max_steps and not episode.success:
         robot = task.robot_state()
         chunk = expert.act(SceneState.from_poses(robot, task.object_poses()))  # [T, 7]
+        offset = noise.offset(rng) if rng is not None else np.zeros(chunk.shape[1])
         for action in chunk:
             if record:
                 robot = task.robot_state()
@@ -139,7 +185,7 @@ def rollout(task: LiberoTask, expert: SpatialExpert, init_state: int, max_steps:
                 episode.joints.append(robot.joint_pos)
                 episode.states.append(np.array(sim.get_state().flatten()))
             episode.actions.append(action)
-            if task.step(action).success:
+            if task.step(np.clip(action + offset, -1.0, 1.0)).success:
                 episode.success = True
                 break
             if task.steps >= max_steps:
@@ -201,7 +247,8 @@ def _write_task_attrs(data, task: LiberoTask) -> None:
     data.attrs['total'] = 0
 
 
-def write_demo(hdf5, episode: Episode, init_state: np.ndarray, seed: int) -> str:
+def write_demo(hdf5, episode: Episode, init_state: np.ndarray, seed: int,
+               noise: ActionNoise | None = None) -> str:
     """Append a successful episode as data/demo_<i>; returns the group name."""
     data = hdf5['data']
     index = 0
@@ -228,6 +275,8 @@ def write_demo(hdf5, episode: Episode, init_state: np.ndarray, seed: int) -> str
     group.attrs['init_state'] = init_state
     group.attrs['init_state_index'] = episode.init_state
     group.attrs['seed'] = seed
+    noise = noise or ActionNoise()
+    group.attrs['action_noise'] = [noise.translation, noise.rotation]
     group.attrs['num_samples'] = episode.steps     # last: marks the demo complete
     data.attrs['num_demos'] = len(data)
     data.attrs['total'] = int(sum(data[name].attrs['num_samples'] for name in data))
@@ -250,8 +299,10 @@ class TaskSummary:
 
 
 def collect_task(task: LiberoTask, init_states: list[int] | None, out: Path, max_steps: int,
-                 resume: bool, seed: int, progress=None, images: bool = True) -> TaskSummary:
-    """Collect the demos of one task into its HDF5 file (images=False: no camera)."""
+                 resume: bool, seed: int, progress=None, images: bool = True,
+                 noise: ActionNoise | None = None) -> TaskSummary:
+    """Collect the demos of one task into its HDF5 file (images=False: no camera; noise:
+    executed offsets, `ActionNoise`)."""
     goal = resolve_goal(task.language, task.suite)
     expert = SpatialExpert(goal)
     states = list(range(task.num_init_states)) if init_states is None else init_states
@@ -268,10 +319,10 @@ def collect_task(task: LiberoTask, init_states: list[int] | None, out: Path, max
                 summary.skipped += 1
             else:
                 episode = rollout(task, expert, init_state, max_steps or task.horizon,
-                                  images=images)
+                                  images=images, noise=noise)
                 summary.wall.append(episode.wall_time)
                 if episode.success:
-                    write_demo(hdf5, episode, task.init_states[init_state], seed)
+                    write_demo(hdf5, episode, task.init_states[init_state], seed, noise)
                     kept.add(init_state)
                     summary.kept += 1
                     summary.steps.append(episode.steps)
@@ -314,6 +365,7 @@ def run(args: argparse.Namespace) -> int:
         logger.error('%s', exc)
         return 2
     summaries = []
+    noise = ActionNoise(args.action_noise, args.rotation_noise, args.seed)
     with tqdm(total=None if args.init_states is None else len(tasks) * len(args.init_states),
               desc='episodes', unit='ep') as progress:
         for task_id in tasks:
@@ -322,7 +374,8 @@ def run(args: argparse.Namespace) -> int:
                 try:
                     summaries.append(collect_task(task, args.init_states, args.out,
                                                   args.max_steps, args.resume, args.seed,
-                                                  progress, images=not args.no_images))
+                                                  progress, images=not args.no_images,
+                                                  noise=noise))
                 except ValueError as exc:
                     logger.error('%s', exc)
                     return 2

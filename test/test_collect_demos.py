@@ -9,6 +9,7 @@ import pytest
 
 from sim_bridge import collect_demos
 from sim_bridge.collect_demos import collect_task, demo_path, open_demo_file, quat_to_axis_angle
+from sim_bridge.expert import SpatialExpert, resolve_goal
 
 
 @pytest.fixture(scope='module')
@@ -52,6 +53,7 @@ def test_a_successful_episode_in_libero_layout_and_resume(libero_task, tmp_path)
         n = demo['actions'].shape[0]
         assert 40 < n <= libero_task.horizon
         assert demo.attrs['num_samples'] == n and demo.attrs['init_state_index'] == 0
+        assert list(demo.attrs['action_noise']) == [0.0, 0.0]
         assert data.attrs['num_demos'] == 1 and data.attrs['total'] == n
         obs = demo['obs']
         shapes = {key: obs[key].shape for key in obs}
@@ -94,6 +96,30 @@ def test_resume_drops_an_incomplete_demo(libero_task, tmp_path):
         hdf5.close()
 
 
+def test_action_noise_offsets_are_per_chunk_reproducible_and_spare_the_gripper():
+    noise = collect_demos.ActionNoise(translation=0.1, rotation=0.03, seed=0)
+    rng = noise.generator(3)
+    offsets = np.stack([noise.offset(rng) for _ in range(2000)])        # [N, 7]
+    assert np.array_equal(offsets[0], noise.offset(noise.generator(3)))
+    assert not np.array_equal(offsets[0], noise.offset(noise.generator(4)))
+    assert np.all(offsets[:, 6] == 0.0)
+    assert np.allclose(offsets[:, :6].std(axis=0), [0.1] * 3 + [0.03] * 3, rtol=0.08)
+    assert not collect_demos.ActionNoise().active
+
+
+def test_action_noise_moves_the_hand_but_records_the_experts_actions(libero_task):
+    """The first chunk is decided on the same initial state, so its recorded actions are the
+    clean run's; executing them with an offset puts the hand elsewhere by the next chunk."""
+    goal = resolve_goal(libero_task.language)
+    clean = collect_demos.rollout(libero_task, SpatialExpert(goal), 0, max_steps=24, images=False)
+    noisy = collect_demos.rollout(libero_task, SpatialExpert(goal), 0, max_steps=24, images=False,
+                    noise=collect_demos.ActionNoise(translation=0.3, seed=0))
+    assert np.array_equal(np.stack(noisy.actions[:8]), np.stack(clean.actions[:8]))
+    moved = np.abs(np.stack(noisy.ee_pos[8:]) - np.stack(clean.ee_pos[8:])).max()
+    assert moved > 0.005, f'hand {moved * 1000:.1f} mm from the clean run'
+    assert np.abs(np.stack(noisy.actions)).max() <= 1.0
+
+
 def test_bad_arguments_are_refused(tmp_path):
     parser = argparse.ArgumentParser()
     collect_demos.add_arguments(parser)
@@ -101,6 +127,9 @@ def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(ValueError, match='out of range'):
         collect_demos.check_args(args)
     assert collect_demos.run(args) == 2
+    args = parser.parse_args(['--out', str(tmp_path), '--action-noise', '-0.1'])
+    with pytest.raises(ValueError, match='action-noise'):
+        collect_demos.check_args(args)
     args = parser.parse_args(['--out', str(tmp_path), '--camera-size', '4'])
     with pytest.raises(ValueError, match='camera-size'):
         collect_demos.check_args(args)
