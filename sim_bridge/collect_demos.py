@@ -108,17 +108,12 @@ class ActionNoise:
     rotation: float = 0.0
     seed: int = 0
 
-    @property
-    def active(self) -> bool:
-        """True when any offset is drawn."""
-        return self.translation > 0.0 or self.rotation > 0.0
-
     def generator(self, init_state: int) -> np.random.Generator:
         """The draws of one episode."""
         return np.random.default_rng([self.seed, init_state])
 
     def offset(self, rng: np.random.Generator) -> np.ndarray:
-        """One chunk's offset [7] (gripper 0)."""
+        """One chunk's offset [7] (gripper 0; all 0 without noise)."""
         std = np.array([self.translation] * 3 + [self.rotation] * 3 + [0.0])
         return rng.normal(size=7) * std
 
@@ -169,11 +164,12 @@ def rollout(task: LiberoTask, expert: SpatialExpert, init_state: int, max_steps:
     expert.reset()
     episode = Episode(init_state=init_state)
     sim = task.env.env.sim
-    rng = noise.generator(init_state) if noise is not None and noise.active else None
+    noise = noise or ActionNoise()
+    rng = noise.generator(init_state)
     while task.steps < max_steps and not episode.success:
         robot = task.robot_state()
         chunk = expert.act(SceneState.from_poses(robot, task.object_poses()))  # [T, 7]
-        offset = noise.offset(rng) if rng is not None else np.zeros(chunk.shape[1])
+        offset = noise.offset(rng)                                           # [7]
         for action in chunk:
             if record:
                 robot = task.robot_state()

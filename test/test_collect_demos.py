@@ -104,15 +104,16 @@ def test_action_noise_offsets_are_per_chunk_reproducible_and_spare_the_gripper()
     assert not np.array_equal(offsets[0], noise.offset(noise.generator(4)))
     assert np.all(offsets[:, 6] == 0.0)
     assert np.allclose(offsets[:, :6].std(axis=0), [0.1] * 3 + [0.03] * 3, rtol=0.08)
-    assert not collect_demos.ActionNoise().active
+    assert not collect_demos.ActionNoise().offset(rng).any()
 
 
 def test_action_noise_moves_the_hand_but_records_the_experts_actions(libero_task):
     """The first chunk is decided on the same initial state, so its recorded actions are the
     clean run's; executing them with an offset puts the hand elsewhere by the next chunk."""
     goal = resolve_goal(libero_task.language)
-    clean = collect_demos.rollout(libero_task, SpatialExpert(goal), 0, max_steps=24, images=False)
-    noisy = collect_demos.rollout(libero_task, SpatialExpert(goal), 0, max_steps=24, images=False,
+    rollout = collect_demos.rollout
+    clean = rollout(libero_task, SpatialExpert(goal), 0, max_steps=24, images=False)
+    noisy = rollout(libero_task, SpatialExpert(goal), 0, max_steps=24, images=False,
                     noise=collect_demos.ActionNoise(translation=0.3, seed=0))
     assert np.array_equal(np.stack(noisy.actions[:8]), np.stack(clean.actions[:8]))
     moved = np.abs(np.stack(noisy.ee_pos[8:]) - np.stack(clean.ee_pos[8:])).max()
