@@ -26,7 +26,7 @@ from rsd_core.training.demos import PROPRIO_NAMES, episode_chunks, read_episodes
 from rsd_core.training.frames import FrameReader
 from rsd_core.training.policy import train_policy
 from rsd_core.training.policy_config import TrainPolicyConfig
-from rsd_core.training.teacher_forcing import teacher_forced_logits
+from rsd_core.training.teacher_forcing import cpu_flags, emulated_bfloat16, teacher_forced_logits
 from rsd_core.training.train_state import checkpoint_dirs
 from rsd_ros.cli import main as rsd
 
@@ -289,13 +289,19 @@ def test_resume_continues_with_identical_state(demos, tiny_bundle, tmp_path, cap
         train_policy(config(demos, tmp_path / 'resumed', tiny_bundle, resume=True, seed=1))
 
 
-def test_fine_tuning_flags_freeze_vision_accumulate_and_autocast(demos, tiny_bundle, tmp_path):
+def test_fine_tuning_flags_freeze_vision_accumulate_and_autocast(demos, tiny_bundle, tmp_path,
+                                                                 caplog):
     """The large-backbone flags, on the tiny model: frozen vision tower, gradient
-    checkpointing, two micro-batches per step, bfloat16 autocast."""
+    checkpointing, two micro-batches per step, bfloat16 autocast (with a warning where this
+    CPU emulates bfloat16)."""
     out = tmp_path / 'frozen'
-    metrics = train_policy(config(demos, out, tiny_bundle, steps=3, freeze_vision=True,
-                                  gradient_checkpointing=True, grad_accum=2, dtype='bfloat16'))
+    with caplog.at_level(logging.WARNING, logger='rsd_core'):
+        metrics = train_policy(config(demos, out, tiny_bundle, steps=3, freeze_vision=True,
+                                      gradient_checkpointing=True, grad_accum=2,
+                                      dtype='bfloat16'))
     assert metrics['steps'] == 3 and np.isfinite(metrics['final']['train_loss'])
+    emulated = emulated_bfloat16(torch.device('cpu'), 'bfloat16', cpu_flags())
+    assert ('bfloat16 is emulated' in caplog.text) == emulated
     before = load_tensors(tiny_bundle / 'backbone' / 'model.safetensors')
     after = load_tensors(out / 'backbone' / 'model.safetensors')
     vision = [k for k in before if 'vision_tower' in k]
@@ -304,6 +310,23 @@ def test_fine_tuning_flags_freeze_vision_accumulate_and_autocast(demos, tiny_bun
     assert language and all(not torch.equal(before[k], after[k]) for k in language)
     saved = load_tensors(checkpoint_dirs(out)[-1] / 'model.safetensors')
     assert not any('vision_tower' in k for k in saved)
+
+
+def test_bfloat16_on_a_cpu_without_native_support_is_flagged(tmp_path):
+    """Emulated bfloat16 is named from the cpuinfo flags; float32, CUDA and unknown flags are
+    never flagged."""
+    avx2 = tmp_path / 'avx2'
+    avx2.write_text('processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n\nprocessor\t: 1\n')
+    amx = tmp_path / 'amx'
+    amx.write_text('flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n')
+    cpu, cuda = torch.device('cpu'), torch.device('cuda')
+    assert cpu_flags(avx2) == {'fpu', 'sse2', 'avx2', 'fma'}
+    assert cpu_flags(tmp_path / 'missing') is None
+    assert emulated_bfloat16(cpu, 'bfloat16', cpu_flags(avx2))
+    assert not emulated_bfloat16(cpu, 'bfloat16', cpu_flags(amx))
+    assert not emulated_bfloat16(cpu, 'float32', cpu_flags(avx2))
+    assert not emulated_bfloat16(cuda, 'bfloat16', cpu_flags(avx2))
+    assert not emulated_bfloat16(cpu, 'bfloat16', None)
 
 
 def test_refuses_to_overwrite_an_output_directory(demos, tiny_bundle, tmp_path):

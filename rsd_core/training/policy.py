@@ -64,6 +64,8 @@ from rsd_core.training.policy_setup import Run, identity, prepare
 from rsd_core.training.schedule import learning_rate
 from rsd_core.training.teacher_forcing import (
     autocast,
+    cpu_flags,
+    emulated_bfloat16,
     teacher_forced_logits,
     training_attention,
 )
@@ -186,6 +188,9 @@ def train_policy(config: TrainPolicyConfig) -> dict:
     device = torch.device(config.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f'device {device} requested but CUDA is not available here')
+    if emulated_bfloat16(device, config.dtype, cpu_flags()):
+        logger.warning('--dtype bfloat16 on a CPU without avx512_bf16 or amx_bf16: bfloat16 is '
+                       'emulated here and many times slower than --dtype float32')
     with torch_threads(config.threads), tempfile.TemporaryDirectory(prefix='rsd-bc-') as tmp:
         run, resume_from = prepare(config)
         try:
