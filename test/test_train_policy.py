@@ -19,6 +19,7 @@ import torch
 
 from rsd_core.bundle import bundle_problems, bundle_weights_sha256
 from rsd_core.checkpoint import file_sha256, load_tensors
+from rsd_core.cpu_features import cpu_flags, emulated_bfloat16
 from rsd_core.engine import RSDEngine
 from rsd_core.main_model import MainModel
 from rsd_core.training.augmentation import augment_images
@@ -26,7 +27,7 @@ from rsd_core.training.demos import PROPRIO_NAMES, episode_chunks, read_episodes
 from rsd_core.training.frames import FrameReader
 from rsd_core.training.policy import train_policy
 from rsd_core.training.policy_config import TrainPolicyConfig
-from rsd_core.training.teacher_forcing import cpu_flags, emulated_bfloat16, teacher_forced_logits
+from rsd_core.training.teacher_forcing import teacher_forced_logits
 from rsd_core.training.train_state import checkpoint_dirs
 from rsd_ros.cli import main as rsd
 
@@ -300,7 +301,7 @@ def test_fine_tuning_flags_freeze_vision_accumulate_and_autocast(demos, tiny_bun
                                       gradient_checkpointing=True, grad_accum=2,
                                       dtype='bfloat16'))
     assert metrics['steps'] == 3 and np.isfinite(metrics['final']['train_loss'])
-    emulated = emulated_bfloat16(torch.device('cpu'), 'bfloat16', cpu_flags())
+    emulated = emulated_bfloat16(torch.device('cpu'), torch.bfloat16)
     assert ('bfloat16 is emulated' in caplog.text) == emulated
     before = load_tensors(tiny_bundle / 'backbone' / 'model.safetensors')
     after = load_tensors(out / 'backbone' / 'model.safetensors')
@@ -322,11 +323,11 @@ def test_bfloat16_on_a_cpu_without_native_support_is_flagged(tmp_path):
     cpu, cuda = torch.device('cpu'), torch.device('cuda')
     assert cpu_flags(avx2) == {'fpu', 'sse2', 'avx2', 'fma'}
     assert cpu_flags(tmp_path / 'missing') is None
-    assert emulated_bfloat16(cpu, 'bfloat16', cpu_flags(avx2))
-    assert not emulated_bfloat16(cpu, 'bfloat16', cpu_flags(amx))
-    assert not emulated_bfloat16(cpu, 'float32', cpu_flags(avx2))
-    assert not emulated_bfloat16(cuda, 'bfloat16', cpu_flags(avx2))
-    assert not emulated_bfloat16(cpu, 'bfloat16', None)
+    assert emulated_bfloat16(cpu, torch.bfloat16, avx2)
+    assert not emulated_bfloat16(cpu, torch.bfloat16, amx)
+    assert not emulated_bfloat16(cpu, torch.float32, avx2)
+    assert not emulated_bfloat16(cuda, torch.bfloat16, avx2)
+    assert not emulated_bfloat16(cpu, torch.bfloat16, tmp_path / 'missing')
 
 
 def test_refuses_to_overwrite_an_output_directory(demos, tiny_bundle, tmp_path):

@@ -52,6 +52,7 @@ import torch
 from tqdm import tqdm
 
 from rsd_core.bundle_build import make_readable, write_bundle
+from rsd_core.cpu_features import emulated_bfloat16
 from rsd_core.threads import torch_threads
 from rsd_core.training.augmentation import seeded_generator
 from rsd_core.training.distill import distill_draft
@@ -63,9 +64,8 @@ from rsd_core.training.policy_eval import baselines, evaluate_policy
 from rsd_core.training.policy_setup import Run, identity, prepare
 from rsd_core.training.schedule import learning_rate
 from rsd_core.training.teacher_forcing import (
+    AUTOCAST_DTYPES,
     autocast,
-    cpu_flags,
-    emulated_bfloat16,
     teacher_forced_logits,
     training_attention,
 )
@@ -188,7 +188,7 @@ def train_policy(config: TrainPolicyConfig) -> dict:
     device = torch.device(config.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f'device {device} requested but CUDA is not available here')
-    if emulated_bfloat16(device, config.dtype, cpu_flags()):
+    if emulated_bfloat16(device, AUTOCAST_DTYPES[config.dtype]):
         logger.warning('--dtype bfloat16 on a CPU without avx512_bf16 or amx_bf16: bfloat16 is '
                        'emulated here and many times slower than --dtype float32')
     with torch_threads(config.threads), tempfile.TemporaryDirectory(prefix='rsd-bc-') as tmp:

@@ -11,7 +11,6 @@ master weights stay float32.
 """
 
 from contextlib import AbstractContextManager, nullcontext
-from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -19,10 +18,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from rsd_core.main_model import MainModel
 
 AUTOCAST_DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}
-# x86 flags of native bfloat16 arithmetic (AVX512-BF16 dot products, AMX tiles); without them
-# the CPU emulates bfloat16, and a training step of the small preset took over 5 s against
-# 1.2 s in float32 on this project's 2-core AVX2 EPYC.
-NATIVE_BF16_FLAGS = frozenset({'avx512_bf16', 'amx_bf16'})
 
 
 def teacher_forced_logits(model: MainModel, inputs: dict, codes: torch.Tensor) -> torch.Tensor:
@@ -50,27 +45,6 @@ def autocast(device: torch.device, dtype: str) -> AbstractContextManager:
     if compute is None:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=compute)
-
-
-def cpu_flags(cpuinfo: Path = Path('/proc/cpuinfo')) -> frozenset[str] | None:
-    """The CPU's feature flags (the first `flags` line of cpuinfo); None where there is no such
-    file or line (not Linux x86)."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition(':')
-        if key.strip() == 'flags':
-            return frozenset(value.split())
-    return None
-
-
-def emulated_bfloat16(device: torch.device, dtype: str, flags: frozenset[str] | None) -> bool:
-    """True when `dtype` autocast on `device` would run bfloat16 on an x86 CPU that lacks
-    native bfloat16 (flags known and none of NATIVE_BF16_FLAGS among them)."""
-    return (device.type == 'cpu' and AUTOCAST_DTYPES[dtype] is torch.bfloat16
-            and flags is not None and not flags & NATIVE_BF16_FLAGS)
 
 
 def training_attention(device: torch.device, dtype: str) -> AbstractContextManager:
