@@ -53,6 +53,7 @@ from sim_bridge.bridge_messages import (
     privileged_state,
 )
 from sim_bridge.chunk_executor import (
+    EXECUTION_HORIZON,
     ChunkMessage,
     ChunkRejected,
     ChunkValidator,
@@ -85,8 +86,11 @@ PARAMETERS = {
     'chunk_timeout': (5.0, 's without an answer before the observation is republished'),
     'chunk_len': (8, 'expected points per chunk; 0 = any number'),
     'action_limit': (1.0, 'positions beyond +- this (action units) refuse the chunk'),
-    'observation_interval': (0, 'observe every N control steps (lockstep: execute the first N '
-                                'points of each chunk); 0 = when the chunk runs out'),
+    'observation_interval': (EXECUTION_HORIZON,
+                             'observe every N control steps (lockstep: execute the first N '
+                             'points of each chunk); 0 = when the chunk runs out'),
+    'temporal_ensemble': (False, 'lockstep: execute the mean of the new chunk and the previous '
+                                 "chunk's points for the same steps (arm only)"),
     'settle_steps': (10, 'no-op steps after loading an initial state (objects drop)'),
     'video_path': ('', 'write the first episode as MP4 (or GIF by extension); empty = none'),
     'frame_id': ('agentview', 'frame_id of the published images'),
@@ -396,7 +400,8 @@ class LiberoBridge(Node):
         /diagnostics)."""
         if self.config['mode'] == 'lockstep':
             executor = LockstepExecutor(self.validator,
-                                        horizon=self.config['observation_interval'])
+                                        horizon=self.config['observation_interval'],
+                                        ensemble=self.config['temporal_ensemble'])
             scheduler = LockstepScheduler(executor, link)
         else:
             scheduler = RealtimeScheduler(

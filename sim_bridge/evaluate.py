@@ -30,6 +30,7 @@ import shlex
 import sys
 import time
 
+from sim_bridge.chunk_executor import EXECUTION_HORIZON
 from sim_bridge.eval_arms import ArmRunner, Run, arm_names, deal_runs, run_arms
 from sim_bridge.eval_processes import (
     Child,
@@ -77,9 +78,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--max-steps', type=int, default=0,
                         help='control steps per episode (0 = the suite horizon)')
     parser.add_argument('--camera-size', type=int, default=128, help='camera image size, px')
-    parser.add_argument('--execute', type=int, default=0,
+    parser.add_argument('--execute', type=int, default=EXECUTION_HORIZON,
                         help="points of each chunk executed before the bridge observes again "
-                             "(the bridge's observation_interval; 0 = the whole chunk)")
+                             "(the bridge's observation_interval; 0 = the whole chunk; "
+                             f"default {EXECUTION_HORIZON})")
+    parser.add_argument('--temporal-ensemble', action='store_true',
+                        help="lockstep: execute the mean of each new chunk's points and the "
+                             "previous chunk's for the same steps (the bridge's "
+                             'temporal_ensemble)')
     parser.add_argument('--seed', type=int, default=0, help='scene seed of the bridge')
     parser.add_argument('--chunk-timeout', type=float, default=10.0,
                         help='s without an answer before the bridge republishes')
@@ -134,7 +140,7 @@ def bridge_command(args: argparse.Namespace, run: Run, results: Path, video: Pat
         'results_file': str(results), 'chunk_timeout': args.chunk_timeout,
         'video_path': str(video) if video else '',
         'mcap_dir': str(mcap_dir) if mcap_dir else '',
-        'observation_interval': args.execute,
+        'observation_interval': args.execute, 'temporal_ensemble': args.temporal_ensemble,
     }
     argv = [console_script(BRIDGE_SCRIPT), '--ros-args']
     if args.arms > 1:
@@ -214,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
         'max_steps': args.max_steps or 'suite horizon', 'model': args.model or 'default',
         'draft': 'none' if args.no_draft else args.draft, 'acceptance': args.acceptance,
         'tolerance': args.tolerance, 'arms': args.arms, 'execute': args.execute or 'chunk',
-        'ros_domain_id': domain,
+        'temporal_ensemble': args.temporal_ensemble, 'ros_domain_id': domain,
     }
     logger.info('evaluating %s tasks %s x %d trials (%s, %d arm%s) in ROS domain %d; logs in %s',
                 args.suite, tasks, args.trials, config['mode'], args.arms,

@@ -11,6 +11,8 @@ import time
 import numpy as np
 import pytest
 
+from sim_bridge.chunk_executor import EXECUTION_HORIZON
+
 NAMES = ['dx', 'dy', 'dz', 'droll', 'dpitch', 'dyaw', 'gripper']
 UP = [0.0, 0.0, 0.5, 0.0, 0.0, 0.0, -1.0]   # raise the hand ~0.5 cm per step
 PERIOD_NS = 50_000_000  # control period, ns
@@ -165,7 +167,8 @@ def start_bridge(context, task, tmp_path, **params):
 
     from sim_bridge.bridge_node import LiberoBridge
 
-    params = {'results_file': str(tmp_path / 'results.jsonl'), 'chunk_timeout': 5.0, **params}
+    params = {'results_file': str(tmp_path / 'results.jsonl'), 'chunk_timeout': 5.0,
+              'observation_interval': 0, **params}   # whole chunks unless told otherwise
     bridge = LiberoBridge(task=task, context=context,
                           parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
     executor = SingleThreadedExecutor(context=context)
@@ -202,24 +205,24 @@ def read_results(tmp_path):
 def test_lockstep_episodes_through_dds(task, ros_context, policy_context, tmp_path):
     policy = PlayedPolicy(policy_context, lambda i, image: trajectory(image.header.stamp))
     bridge, spinner = start_bridge(ros_context, task, tmp_path, max_steps=16, episodes=2,
-                                   init_state=3)
+                                   init_state=3, observation_interval=EXECUTION_HORIZON)
     spin_until_finished(bridge, spinner, policy)
 
     records = read_results(tmp_path)
     assert [r['init_state'] for r in records] == [3, 4]
-    for record in records:
-        assert (record['steps'], record['executed_chunks'], record['held_steps']) == (16, 2, 0)
+    for record in records:   # the default execution horizon: the first 4 points of each chunk
+        assert (record['steps'], record['executed_chunks'], record['held_steps']) == (16, 4, 0)
         assert (record['rejected_chunks'], record['mode'], record['success']) == \
             (0, 'lockstep', False)
-        assert record['latency_ms']['n'] == 2 and record['latency_ms']['p50'] > 0
+        assert record['latency_ms']['n'] == 4 and record['latency_ms']['p50'] > 0
         assert record['instruction'] == task.language
         stats = record['policy_stats']
         assert stats['chunks'] >= 1 and stats['sums']['layers_proposed'] == 3 * stats['chunks']
     assert [json.loads(r) for r in policy.results] == records
 
-    # Two observations per episode (plus any republished after a lost first frame), each
+    # Four observations per episode (plus any republished after a lost first frame), each
     # answered by its own stamp; poses carry the same stamps.
-    assert len(policy.images) == 4 + sum(r['republished_observations'] for r in records)
+    assert len(policy.images) == 8 + sum(r['republished_observations'] for r in records)
     stamps = [stamp_ns(image.header.stamp) for image in policy.images]
     assert stamps == sorted(set(stamps)) and policy.answered == stamps
     for image in policy.images:

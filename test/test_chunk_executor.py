@@ -181,6 +181,37 @@ def test_lockstep_execution_horizon_executes_the_first_points_and_holds_as_long(
         LockstepExecutor(validator(), horizon=-1)
 
 
+def test_lockstep_temporal_ensemble_averages_the_arm_with_the_previous_chunks_plan():
+    executor = LockstepExecutor(validator(), horizon=3, ensemble=True)
+    executor.expect(T0)
+    assert executor.offer(message(stamp_ns=T0, gripper=1.0))  # points k = 0..7
+    first = [executor.next_action() for _ in range(executor.remaining)]
+    assert [a[0] for a in first] == [0, 1, 2]                  # nothing planned before it
+    executor.expect(T0 + 1000 * MS)
+    assert executor.offer(message(stamp_ns=T0 + 1000 * MS, value=10.0, gripper=-1.0))
+    second = [executor.next_action() for _ in range(executor.remaining)]
+    # The previous chunk planned 3, 4, 5 for these steps: the arm gets the means, the gripper
+    # the new chunk's command.
+    np.testing.assert_allclose([a[:-1] for a in second],
+                               [[6.5] * 6, [7.0] * 6, [7.5] * 6])
+    assert [a[-1] for a in second] == [-1.0] * 3
+    executor.expect(T0 + 2000 * MS)
+    with pytest.raises(ChunkRejected):
+        executor.offer(message(stamp_ns=T0 + 2000 * MS, points=7))
+    [executor.next_action() for _ in range(executor.remaining)]   # the hold
+    executor.expect(T0 + 3000 * MS)
+    assert executor.offer(message(stamp_ns=T0 + 3000 * MS, value=2.0))
+    assert [executor.next_action()[0] for _ in range(3)] == [2.0] * 3  # afresh after the hold
+
+
+def test_lockstep_without_ensemble_executes_the_new_chunk_unchanged():
+    executor = LockstepExecutor(validator(), horizon=3)
+    for i, value in enumerate((0.0, 10.0)):
+        executor.expect(T0 + i * MS)
+        assert executor.offer(message(stamp_ns=T0 + i * MS, value=value))
+        assert [executor.next_action()[0] for _ in range(3)] == [value] * 3
+
+
 # --- real time --------------------------------------------------------------------------------
 
 PERIOD_NS = 50 * MS

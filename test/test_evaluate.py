@@ -14,6 +14,7 @@ import time
 import pytest
 
 from sim_bridge import eval_arms, eval_processes, eval_summary, evaluate
+from sim_bridge.chunk_executor import EXECUTION_HORIZON
 from sim_bridge.eval_arms import Run
 
 # A stand-in policy process: answers every image with a chunk that raises the hand, publishes
@@ -220,8 +221,9 @@ def test_eval_runs_bridge_and_policy_processes(tmp_path):
     pid_file = tmp_path / 'policy.pid'
     out = tmp_path / 'out'
     result = rsd('eval-libero', '--suite', 'libero_spatial', '--tasks', '0', '--trials', '2',
-                 '--max-steps', '16', '--camera-size', '64', '--out', str(out), '--video',
-                 '--json', '--policy-command', f'{sys.executable} {script} {pid_file}')
+                 '--max-steps', '16', '--camera-size', '64', '--execute', '0',  # whole chunks
+                 '--out', str(out), '--video', '--json',
+                 '--policy-command', f'{sys.executable} {script} {pid_file}')
     assert result.returncode == 0, result.stderr[-3000:]
 
     summary = json.loads(result.stdout)
@@ -248,7 +250,7 @@ def test_eval_runs_bridge_and_policy_processes(tmp_path):
 def test_eval_runs_two_arms_against_one_policy(tmp_path, tiny_bundle):
     out = tmp_path / 'out'
     result = rsd('eval-libero', '--suite', 'libero_spatial', '--tasks', '0', '--trials', '2',
-                 '--arms', '2', '--batch-window', '0.05', '--max-steps', '16',
+                 '--arms', '2', '--batch-window', '0.05', '--max-steps', '16', '--execute', '0',
                  '--camera-size', '64', '--model', str(tiny_bundle), '--no-draft',
                  '--out', str(out), '--json', timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -269,9 +271,12 @@ def test_eval_runs_two_arms_against_one_policy(tmp_path, tiny_bundle):
 
 
 def test_execution_horizon_reaches_the_bridge_as_its_observation_interval(tmp_path):
-    bridge = evaluate.bridge_command(parse('--execute', '4'), Run(0, 0, 0, 1),
-                                     tmp_path / 'r.jsonl', None)
-    assert 'observation_interval:=4' in bridge
+    bridge = evaluate.bridge_command(parse('--execute', '2', '--temporal-ensemble'),
+                                     Run(0, 0, 0, 1), tmp_path / 'r.jsonl', None)
+    assert 'observation_interval:=2' in bridge and 'temporal_ensemble:=true' in bridge
+    bridge = evaluate.bridge_command(parse(), Run(0, 0, 0, 1), tmp_path / 'r.jsonl', None)
+    assert f'observation_interval:={EXECUTION_HORIZON}' in bridge
+    assert 'temporal_ensemble:=false' in bridge
     with pytest.raises(ValueError, match='--execute must be >= 0'):
         evaluate.check_args(parse('--execute', '-1'))
 
