@@ -88,7 +88,8 @@ PARAMETERS = {
     'action_limit': (1.0, 'positions beyond +- this (action units) refuse the chunk'),
     'observation_interval': (EXECUTION_HORIZON,
                              'observe every N control steps (lockstep: execute the first N '
-                             'points of each chunk); 0 = when the chunk runs out'),
+                             'points of each chunk); 0 = when the chunk runs out (what the '
+                             'scripted expert libero_expert plans for)'),
     'temporal_ensemble': (False, 'lockstep: execute the mean of the new chunk and the previous '
                                  "chunk's points for the same steps (arm only)"),
     'settle_steps': (10, 'no-op steps after loading an initial state (objects drop)'),

@@ -78,10 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--max-steps', type=int, default=0,
                         help='control steps per episode (0 = the suite horizon)')
     parser.add_argument('--camera-size', type=int, default=128, help='camera image size, px')
-    parser.add_argument('--execute', type=int, default=EXECUTION_HORIZON,
+    parser.add_argument('--execute', type=int, default=None,
                         help="points of each chunk executed before the bridge observes again "
-                             "(the bridge's observation_interval; 0 = the whole chunk; "
-                             f"default {EXECUTION_HORIZON})")
+                             "(the bridge's observation_interval; 0 = the whole chunk; default "
+                             f"{EXECUTION_HORIZON}, and the whole chunk for --policy expert)")
     parser.add_argument('--temporal-ensemble', action='store_true',
                         help="lockstep: execute the mean of each new chunk's points and the "
                              "previous chunk's for the same steps (the bridge's "
@@ -107,6 +107,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--mcap', action='store_true',
                         help='record every episode as an MCAP file (the format of ros2 bag, '
                              'Foxglove, the mcap CLI) in <out>/mcap/')
+
+
+def execution_horizon(args: argparse.Namespace) -> int:
+    """Points executed per chunk (0 = all): --execute, else the whole chunk for the scripted
+    expert (it plans each chunk from the state its previous chunk ends in) and
+    EXECUTION_HORIZON for a learnt policy."""
+    if args.execute is not None:
+        return args.execute
+    return 0 if args.policy == 'expert' and not args.policy_command else EXECUTION_HORIZON
 
 
 def policy_command(args: argparse.Namespace) -> list[str]:
@@ -140,7 +149,8 @@ def bridge_command(args: argparse.Namespace, run: Run, results: Path, video: Pat
         'results_file': str(results), 'chunk_timeout': args.chunk_timeout,
         'video_path': str(video) if video else '',
         'mcap_dir': str(mcap_dir) if mcap_dir else '',
-        'observation_interval': args.execute, 'temporal_ensemble': args.temporal_ensemble,
+        'observation_interval': execution_horizon(args),
+        'temporal_ensemble': args.temporal_ensemble,
     }
     argv = [console_script(BRIDGE_SCRIPT), '--ros-args']
     if args.arms > 1:
@@ -158,7 +168,7 @@ def check_args(args: argparse.Namespace) -> tuple[list[int], list[list[Run]]]:
     if args.trials < 1:
         raise ValueError(f'--trials must be >= 1, got {args.trials}')
     for name in ('max_steps', 'init_state', 'execute'):
-        if getattr(args, name) < 0:
+        if (getattr(args, name) or 0) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
     if args.chunk_timeout <= 0 or args.startup_timeout <= 0 or args.episode_timeout <= 0:
         raise ValueError('timeouts must be > 0 s')
@@ -219,7 +229,8 @@ def run(args: argparse.Namespace) -> int:
         'trials': args.trials, 'init_state': args.init_state,
         'max_steps': args.max_steps or 'suite horizon', 'model': args.model or 'default',
         'draft': 'none' if args.no_draft else args.draft, 'acceptance': args.acceptance,
-        'tolerance': args.tolerance, 'arms': args.arms, 'execute': args.execute or 'chunk',
+        'tolerance': args.tolerance, 'arms': args.arms,
+        'execute': execution_horizon(args) or 'chunk',
         'temporal_ensemble': args.temporal_ensemble, 'ros_domain_id': domain,
     }
     logger.info('evaluating %s tasks %s x %d trials (%s, %d arm%s) in ROS domain %d; logs in %s',

@@ -11,7 +11,9 @@ image's stamp and the newest state.
 The instruction names the task; its BDDL goal (which bowl, which plate) comes from LIBERO's
 benchmark (`expert.resolve_goal`). A new episode (another `episode`/`init_state`/task in the
 state, or a step counter that went back) restarts the expert; a republished observation (same
-episode and step) gets the same chunk again under the new stamp.
+episode and step) gets the same chunk again under the new stamp. The expert plans each chunk
+from the state its previous chunk ends in, so the bridge must execute whole chunks
+(`observation_interval` 0; `rsd eval-libero --policy expert` sets it).
 
 Any peer on the domain can publish `sim/object_poses`: a state that is not a JSON object, has a
 stamp that is not {sec: int32, nanosec: 0..999999999}, a step that is not an integer, or poses

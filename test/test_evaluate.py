@@ -277,6 +277,10 @@ def test_execution_horizon_reaches_the_bridge_as_its_observation_interval(tmp_pa
     bridge = evaluate.bridge_command(parse(), Run(0, 0, 0, 1), tmp_path / 'r.jsonl', None)
     assert f'observation_interval:={EXECUTION_HORIZON}' in bridge
     assert 'temporal_ensemble:=false' in bridge
+    # The scripted expert plans each chunk from where its previous one ends: whole chunks.
+    expert = evaluate.bridge_command(parse('--policy', 'expert'), Run(0, 0, 0, 1),
+                                     tmp_path / 'r.jsonl', None)
+    assert 'observation_interval:=0' in expert
     with pytest.raises(ValueError, match='--execute must be >= 0'):
         evaluate.check_args(parse('--execute', '-1'))
 
