@@ -36,6 +36,7 @@ from rsd_core.checkpoint import (
     non_finite_keys,
     save_component,
 )
+from rsd_core.cpu_features import emulated_bfloat16
 from rsd_core.processor import PromptProcessor
 
 logger = logging.getLogger(__name__)
@@ -359,6 +360,9 @@ class MainModel(nn.Module):
         dtype, device = resolve_dtype(dtype), torch.device(device)
         if device.type == 'cuda' and not torch.cuda.is_available():
             raise ValueError(f'device {device} requested but CUDA is not available here')
+        if emulated_bfloat16(device, dtype):
+            logger.warning('dtype bfloat16 on a CPU without avx512_bf16 or amx_bf16: bfloat16 '
+                           'is emulated here and slower than float32')
         manifest = load_bundle_manifest(bundle_dir)
         backbone_dir = bundle_dir / 'backbone'
         _check_backbone_files(backbone_dir)
