@@ -5,10 +5,13 @@ state, recording at every control step the agent-view image and the robot state 
 step, and the action taken. Only successful episodes are kept; an episode ends at the first
 step where the task's goal holds, or fails at `--max-steps`.
 
-`--action-noise` (DART, Laskey et al. 2017) executes the expert's chunks with a random offset
-per chunk on the hand's translation (and `--rotation-noise` on its rotation) but records the
-expert's own actions: the demos then visit states off the expert's path, as a cloned policy's
-small errors do, with the expert's correction as the label.
+`--action-noise` (after DART, Laskey et al. 2017) executes the expert's chunks with a random
+offset per chunk on the hand's translation (and `--rotation-noise` on its rotation) but records
+the expert's own actions: the demos then visit states off the expert's path, as a cloned
+policy's small errors do. Only each chunk's first point is a true DART label (the expert's plan
+from the state seen); at point k the hand has drifted by k offsets that the recorded actions do
+not correct (the expert corrects in its next chunk). A policy fine-tuned on such demos alone
+collapsed (2/50 against 22/50 on libero_spatial initial states 0-4, 2026-12-03).
 
 One file per task, `<out>/<task_name>_demo.hdf5`, in LIBERO's dataset layout:
 
@@ -71,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--action-noise', type=float, default=0.0,
                         help='std of a random offset added to the executed translation '
                              'actions (dx, dy, dz), drawn once per chunk; the recorded actions '
-                             'stay as the expert chose them (default 0: none)')
+                             'stay as the expert chose them, so only chunk starts are corrective '
+                             'labels (default 0: none)')
     parser.add_argument('--rotation-noise', type=float, default=0.0,
                         help='the same for the rotation actions (droll, dpitch, dyaw)')
 
