@@ -10,13 +10,15 @@ import torch
 
 CPUINFO = Path('/proc/cpuinfo')
 NATIVE_BF16_FLAGS = frozenset({'avx512_bf16', 'amx_bf16'})
+EMULATED_BF16_WARNING = ('dtype bfloat16 on a CPU without avx512_bf16 or amx_bf16: bfloat16 is '
+                         'emulated here and many times slower than float32')
 
 
-def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str] | None:
-    """The CPU's feature flags (the first `flags` line of cpuinfo); None where there is no such
-    file or line (not Linux x86)."""
+def cpu_flags(cpuinfo: Path | None = None) -> frozenset[str] | None:
+    """The CPU's feature flags (the first `flags` line of `cpuinfo`, default CPUINFO); None
+    where there is no such file or line (not Linux x86)."""
     try:
-        text = cpuinfo.read_text()
+        text = (cpuinfo or CPUINFO).read_text()
     except OSError:
         return None
     for line in text.splitlines():
@@ -27,7 +29,7 @@ def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str] | None:
 
 
 def emulated_bfloat16(device: torch.device, dtype: torch.dtype | None,
-                      cpuinfo: Path = CPUINFO) -> bool:
+                      cpuinfo: Path | None = None) -> bool:
     """True when computing in `dtype` on `device` would run bfloat16 on an x86 CPU that lacks
     native bfloat16 (its flags known and none of NATIVE_BF16_FLAGS among them). Reads cpuinfo
     only for bfloat16 on the CPU."""

@@ -36,7 +36,7 @@ from rsd_core.checkpoint import (
     non_finite_keys,
     save_component,
 )
-from rsd_core.cpu_features import emulated_bfloat16
+from rsd_core.cpu_features import EMULATED_BF16_WARNING, emulated_bfloat16
 from rsd_core.processor import PromptProcessor
 
 logger = logging.getLogger(__name__)
@@ -361,8 +361,7 @@ class MainModel(nn.Module):
         if device.type == 'cuda' and not torch.cuda.is_available():
             raise ValueError(f'device {device} requested but CUDA is not available here')
         if emulated_bfloat16(device, dtype):
-            logger.warning('dtype bfloat16 on a CPU without avx512_bf16 or amx_bf16: bfloat16 '
-                           'is emulated here and slower than float32')
+            logger.warning(EMULATED_BF16_WARNING)
         manifest = load_bundle_manifest(bundle_dir)
         backbone_dir = bundle_dir / 'backbone'
         _check_backbone_files(backbone_dir)

@@ -13,7 +13,8 @@ arrive, not when the simulator is free. Each episode runs under the scheduler of
 parameter, which reaches the node only through an `EpisodeLink`:
 
 - lockstep (`lockstep.LockstepScheduler`): observation -> wait for the chunk with its stamp
-  (republishing after `chunk_timeout`) -> all its steps. The policy's speed costs no steps.
+  (republishing after `chunk_timeout`) -> its first `observation_interval` points (4 by
+  default; 0 = all). The policy's speed costs no steps.
 - realtime (`realtime.RealtimeScheduler`): 20 Hz ticks on the wall clock, each executing the
   newest chunk's point due at that tick: the policy's latency costs skipped and held steps.
   `real_time_factor` in the episode record says how close to real time the simulator kept
@@ -180,6 +181,10 @@ class LiberoBridge(Node):
         if len(config['action_names']) != 7:
             problems.append(f"action_names {config['action_names']}: expected 7 names "
                             '(OSC_POSE deltas + gripper)')
+        if config['temporal_ensemble'] and (config['mode'] != 'lockstep'
+                                            or config['observation_interval'] == 0):
+            problems.append('temporal_ensemble needs mode lockstep and observation_interval > 0 '
+                            '(chunks that overlap)')
         if problems:
             raise ValueError('invalid libero_bridge parameters: ' + '; '.join(problems))
 

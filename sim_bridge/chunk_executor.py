@@ -22,9 +22,8 @@ import numpy as np
 
 GRIPPER_OPEN = -1.0
 # Points of each chunk executed before the bridge observes again, unless told otherwise (the
-# bridge's `observation_interval`, `rsd eval-libero --execute`). On the trained default (8-point
-# chunks), libero_spatial main-only in lockstep, 5 initial states per task: 4 points solve 24/50
-# of states 0-4 and 26/50 of 12-16 against 22/50 and 15/50 for the whole chunk (2026-12-04).
+# bridge's `observation_interval`, `rsd eval-libero --execute`); chosen on the trained default's
+# 8-point chunks by the README's execution-horizon table.
 EXECUTION_HORIZON = 4
 
 
@@ -142,7 +141,7 @@ class ExecutorCounters:
 
 
 class LockstepExecutor:
-    """Observation -> chunk -> all its steps -> next observation.
+    """Observation -> chunk -> its first `horizon` points -> next observation.
 
     `expect(stamp)` registers a published observation (a republished one adds its new stamp:
     the sim has not moved, so an answer to any of them is valid). `offer` takes a message and
@@ -152,7 +151,7 @@ class LockstepExecutor:
     horizon: points executed per chunk before observing again (the execution horizon); 0 = all
     of them (a rejected chunk then holds for `validator.chunk_len` steps, or 1 if that is 0).
     Points beyond it count as `superseded_steps`.
-    ensemble: temporal ensembling (ACT, Zhao et al. 2023) over the two chunks that cover a step:
+    ensemble: a two-chunk, equal-weight variant of ACT's temporal ensemble (Zhao et al. 2023):
     each arm value executed is the mean of the new chunk's point and the previous chunk's
     superseded point for the same step, where there is one; the gripper follows the new chunk.
     A mean of validated points stays within the validated range. Needs 0 < horizon < chunk

@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--execute', type=int, default=None,
                         help="points of each chunk executed before the bridge observes again "
                              "(the bridge's observation_interval; 0 = the whole chunk; default "
-                             f"{EXECUTION_HORIZON}, and the whole chunk for --policy expert)")
+                             f'{EXECUTION_HORIZON}, and the whole chunk for --policy expert)')
     parser.add_argument('--temporal-ensemble', action='store_true',
                         help="lockstep: execute the mean of each new chunk's points and the "
                              "previous chunk's for the same steps (the bridge's "
@@ -184,6 +184,9 @@ def check_args(args: argparse.Namespace) -> tuple[list[int], list[list[Run]]]:
         raise ValueError('--draft and --no-draft contradict each other')
     if args.arms > 1 and args.policy == 'expert' and not args.policy_command:
         raise ValueError('--arms: the scripted expert serves one arm; use --policy rsd')
+    if args.temporal_ensemble and (args.realtime or execution_horizon(args) == 0):
+        raise ValueError('--temporal-ensemble needs lockstep and --execute > 0 (chunks that '
+                         'overlap)')
     if not 0 <= args.batch_window <= 1:
         raise ValueError(f'--batch-window must be within 0..1 s, got {args.batch_window}')
     return tasks, deal_runs(tasks, args.trials, args.init_state, args.arms)

@@ -195,6 +195,12 @@ class ExpertNode(Node):
         elif step is not None and step == self._last_step and self._last_chunk is not None:
             self._publish(self._last_chunk, stamp)   # republished observation: same answer
             return
+        elif (step is not None and self._last_step is not None and self._last_chunk is not None
+              and step - self._last_step != len(self._last_chunk)):
+            self.get_logger().warning(
+                f'step {step}: {step - self._last_step} steps since the last chunk of '
+                f'{len(self._last_chunk)}; the expert plans from where its whole chunk ends: '
+                'run the bridge with observation_interval 0', throttle_duration_sec=WARN_EVERY)
         phase = self.expert.phase
         try:
             chunk = self.expert.act(state)

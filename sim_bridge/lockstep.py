@@ -1,9 +1,10 @@
 """Lockstep episodes of the sim bridge: the simulated world waits for every chunk.
 
 `LockstepScheduler.run` publishes an observation, waits for the chunk stamped with its stamp,
-executes all its steps, and observes again. No answer within the bridge's `chunk_timeout`: the
-same view is republished under a new stamp, and an answer to either is accepted. A rejected
-chunk makes the arm hold for one chunk length (`LockstepExecutor`). Reproducible: the policy's
+executes its first `observation_interval` points (all of them with 0), and observes again. No
+answer within the bridge's `chunk_timeout`: the same view is republished under a new stamp, and
+an answer to either is accepted. A rejected chunk makes the arm hold for one execution horizon
+(`LockstepExecutor`). Reproducible: the policy's
 speed costs no steps, so a late chunk costs only wall time.
 
 No ROS and no LIBERO here: the bridge hands in its side as an `EpisodeLink` of callables.

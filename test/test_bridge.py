@@ -167,8 +167,7 @@ def start_bridge(context, task, tmp_path, **params):
 
     from sim_bridge.bridge_node import LiberoBridge
 
-    params = {'results_file': str(tmp_path / 'results.jsonl'), 'chunk_timeout': 5.0,
-              'observation_interval': 0, **params}   # whole chunks unless told otherwise
+    params = {'results_file': str(tmp_path / 'results.jsonl'), 'chunk_timeout': 5.0, **params}
     bridge = LiberoBridge(task=task, context=context,
                           parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
     executor = SingleThreadedExecutor(context=context)
@@ -205,24 +204,26 @@ def read_results(tmp_path):
 def test_lockstep_episodes_through_dds(task, ros_context, policy_context, tmp_path):
     policy = PlayedPolicy(policy_context, lambda i, image: trajectory(image.header.stamp))
     bridge, spinner = start_bridge(ros_context, task, tmp_path, max_steps=16, episodes=2,
-                                   init_state=3, observation_interval=EXECUTION_HORIZON)
+                                   init_state=3)   # the default execution horizon
     spin_until_finished(bridge, spinner, policy)
 
     records = read_results(tmp_path)
     assert [r['init_state'] for r in records] == [3, 4]
-    for record in records:   # the default execution horizon: the first 4 points of each chunk
-        assert (record['steps'], record['executed_chunks'], record['held_steps']) == (16, 4, 0)
+    chunks = 16 // EXECUTION_HORIZON   # each chunk's first EXECUTION_HORIZON points run
+    for record in records:
+        assert (record['steps'], record['executed_chunks'], record['held_steps']) == \
+            (16, chunks, 0)
         assert (record['rejected_chunks'], record['mode'], record['success']) == \
             (0, 'lockstep', False)
-        assert record['latency_ms']['n'] == 4 and record['latency_ms']['p50'] > 0
+        assert record['latency_ms']['n'] == chunks and record['latency_ms']['p50'] > 0
         assert record['instruction'] == task.language
         stats = record['policy_stats']
         assert stats['chunks'] >= 1 and stats['sums']['layers_proposed'] == 3 * stats['chunks']
     assert [json.loads(r) for r in policy.results] == records
 
-    # Four observations per episode (plus any republished after a lost first frame), each
+    # One observation per chunk (plus any republished after a lost first frame), each
     # answered by its own stamp; poses carry the same stamps.
-    assert len(policy.images) == 8 + sum(r['republished_observations'] for r in records)
+    assert len(policy.images) == 2 * chunks + sum(r['republished_observations'] for r in records)
     stamps = [stamp_ns(image.header.stamp) for image in policy.images]
     assert stamps == sorted(set(stamps)) and policy.answered == stamps
     for image in policy.images:
@@ -245,6 +246,18 @@ def test_lockstep_episodes_through_dds(task, ros_context, policy_context, tmp_pa
     assert rise > 0.03
 
 
+def test_temporal_ensemble_without_overlapping_chunks_is_refused(task, ros_context):
+    from rclpy.parameter import Parameter
+
+    from sim_bridge.bridge_node import LiberoBridge
+
+    for params in ({'mode': 'realtime'}, {'observation_interval': 0}):
+        overrides = [Parameter(k, value=v)
+                     for k, v in {'temporal_ensemble': True, **params}.items()]
+        with pytest.raises(ValueError, match='temporal_ensemble needs mode lockstep'):
+            LiberoBridge(task=task, context=ros_context, parameter_overrides=overrides)
+
+
 def test_malformed_chunks_are_rejected_and_the_arm_holds(task, ros_context, policy_context,
                                                          tmp_path, capfd):
     push = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0]   # would move the hand ~8 cm if executed
@@ -265,7 +278,8 @@ def test_malformed_chunks_are_rejected_and_the_arm_holds(task, ros_context, poli
         return msg
 
     policy = PlayedPolicy(policy_context, answer)
-    bridge, spinner = start_bridge(ros_context, task, tmp_path, max_steps=48)
+    bridge, spinner = start_bridge(ros_context, task, tmp_path, max_steps=48,
+                                   observation_interval=0)   # a hold lasts a whole chunk
     spin_until_finished(bridge, spinner, policy)
 
     (record,) = read_results(tmp_path)
@@ -296,7 +310,8 @@ def test_bridge_survives_a_policy_restart(task, ros_context, policy_context, tmp
             return PlayedPolicy(policy_context, answer, name='played_policy_2')
         return None
 
-    bridge, spinner = start_bridge(ros_context, task, tmp_path, max_steps=24, chunk_timeout=1.0)
+    bridge, spinner = start_bridge(ros_context, task, tmp_path, max_steps=24, chunk_timeout=1.0,
+                                   observation_interval=0)
     second = spin_until_finished(bridge, spinner, first, during=restart)
 
     assert second is not first
@@ -309,7 +324,8 @@ def test_realtime_slow_policy_costs_skipped_and_held_steps(task, ros_context, po
                                                            tmp_path):
     policy = PlayedPolicy(policy_context, lambda i, image: trajectory(image.header.stamp),
                           delay=0.3)
-    bridge, spinner = start_bridge(ros_context, task, tmp_path, mode='realtime', max_steps=40)
+    bridge, spinner = start_bridge(ros_context, task, tmp_path, mode='realtime', max_steps=40,
+                                   observation_interval=0)
     spin_until_finished(bridge, spinner, policy)
 
     (record,) = read_results(tmp_path)

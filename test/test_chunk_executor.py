@@ -188,7 +188,9 @@ def test_lockstep_temporal_ensemble_averages_the_arm_with_the_previous_chunks_pl
     first = [executor.next_action() for _ in range(executor.remaining)]
     assert [a[0] for a in first] == [0, 1, 2]                  # nothing planned before it
     executor.expect(T0 + 1000 * MS)
-    assert executor.offer(message(stamp_ns=T0 + 1000 * MS, value=10.0, gripper=-1.0))
+    executor.expect(T0 + 6000 * MS, new_observation=False)   # republished: the sim has not moved
+    assert not executor.offer(message(stamp_ns=T0 + 500 * MS))   # stale: changes nothing
+    assert executor.offer(message(stamp_ns=T0 + 6000 * MS, value=10.0, gripper=-1.0))
     second = [executor.next_action() for _ in range(executor.remaining)]
     # The previous chunk planned 3, 4, 5 for these steps: the arm gets the means, the gripper
     # the new chunk's command.
@@ -198,7 +200,8 @@ def test_lockstep_temporal_ensemble_averages_the_arm_with_the_previous_chunks_pl
     executor.expect(T0 + 2000 * MS)
     with pytest.raises(ChunkRejected):
         executor.offer(message(stamp_ns=T0 + 2000 * MS, points=7))
-    [executor.next_action() for _ in range(executor.remaining)]   # the hold
+    for _ in range(executor.remaining):   # the hold
+        executor.next_action()
     executor.expect(T0 + 3000 * MS)
     assert executor.offer(message(stamp_ns=T0 + 3000 * MS, value=2.0))
     assert [executor.next_action()[0] for _ in range(3)] == [2.0] * 3  # afresh after the hold

@@ -281,6 +281,10 @@ def test_execution_horizon_reaches_the_bridge_as_its_observation_interval(tmp_pa
     expert = evaluate.bridge_command(parse('--policy', 'expert'), Run(0, 0, 0, 1),
                                      tmp_path / 'r.jsonl', None)
     assert 'observation_interval:=0' in expert
+    for argv in (['--temporal-ensemble', '--realtime'], ['--temporal-ensemble', '--execute', '0'],
+                 ['--temporal-ensemble', '--policy', 'expert']):
+        with pytest.raises(ValueError, match='--temporal-ensemble needs lockstep'):
+            evaluate.check_args(parse(*argv))
     with pytest.raises(ValueError, match='--execute must be >= 0'):
         evaluate.check_args(parse('--execute', '-1'))
 

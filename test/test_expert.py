@@ -357,7 +357,7 @@ def expert_link(ros_context):
         peer.destroy_node()
 
 
-def test_expert_node_answers_each_state_with_its_stamp(expert_link):
+def test_expert_node_answers_each_state_with_its_stamp(expert_link, capfd):
     from std_msgs.msg import String
     from trajectory_msgs.msg import JointTrajectory
 
@@ -390,6 +390,9 @@ def test_expert_node_answers_each_state_with_its_stamp(expert_link):
 
     poses_pub.publish(String(data='not json'))                            # survives
     exchange(_state_json(state, (16, 0), episode=1, step=8), 5)
+    assert 'observation_interval 0' not in capfd.readouterr().err          # whole chunks
+    exchange(_state_json(state, (17, 0), episode=1, step=12), 6)   # only 4 of 8 points ran
+    assert 'run the bridge with observation_interval 0' in capfd.readouterr().err
 
 
 def test_expert_node_can_take_the_stamp_from_the_image(ros_context):

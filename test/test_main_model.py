@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from rsd_core.checkpoint import CheckpointError, load_tensors, save_component
-from rsd_core.cpu_features import emulated_bfloat16
 from rsd_core.main_model import MainModel
 from rsd_core.processor import CLIP_MEAN, CLIP_STD, SPECIAL_TOKENS, instruction_vocabulary
 
@@ -228,17 +227,29 @@ def test_batch_of_two_matches_single_runs(model64):
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-def test_half_precision_dtypes_run(tiny_bundle, dtype, caplog):
-    with caplog.at_level(logging.WARNING, logger='rsd_core.main_model'):
-        model = MainModel.from_dir(tiny_bundle, device='cpu', dtype=dtype)
+def test_half_precision_dtypes_run(tiny_bundle, dtype):
+    model = MainModel.from_dir(tiny_bundle, device='cpu', dtype=dtype)
     assert model.dtype == dtype and model.backbone.dtype == dtype
-    # On a CPU without native bfloat16 (an AVX2-only one) loading says so; elsewhere not.
-    emulated = emulated_bfloat16(torch.device('cpu'), dtype)
-    assert ('bfloat16 is emulated' in caplog.text) == emulated
     with torch.inference_mode():
         cache, h0, logits0 = model.prefill(model.processor([image()], [INSTRUCTION]))
         logits, _ = model.forward_layers(cache, logits0.argmax(-1)[:, None], 0)
     assert h0.dtype == dtype and torch.isfinite(logits).all()
+
+
+def test_loading_in_emulated_bfloat16_warns(tiny_bundle, tmp_path, monkeypatch, caplog):
+    import rsd_core.cpu_features as cpu_features
+
+    cpuinfo = tmp_path / 'cpuinfo'
+    monkeypatch.setattr(cpu_features, 'CPUINFO', cpuinfo)
+    with caplog.at_level(logging.WARNING, logger='rsd_core.main_model'):
+        cpuinfo.write_text('processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n')
+        MainModel.from_dir(tiny_bundle, dtype=torch.bfloat16)
+        assert 'bfloat16 is emulated' in caplog.text
+        caplog.clear()
+        MainModel.from_dir(tiny_bundle, dtype=torch.float32)
+        cpuinfo.write_text('processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n')
+        MainModel.from_dir(tiny_bundle, dtype=torch.bfloat16)
+    assert 'emulated' not in caplog.text
 
 
 def test_unsupported_dtype_or_device_is_refused(tiny_bundle):

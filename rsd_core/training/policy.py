@@ -52,7 +52,7 @@ import torch
 from tqdm import tqdm
 
 from rsd_core.bundle_build import make_readable, write_bundle
-from rsd_core.cpu_features import emulated_bfloat16
+from rsd_core.cpu_features import EMULATED_BF16_WARNING, emulated_bfloat16
 from rsd_core.threads import torch_threads
 from rsd_core.training.augmentation import seeded_generator
 from rsd_core.training.distill import distill_draft
@@ -189,8 +189,7 @@ def train_policy(config: TrainPolicyConfig) -> dict:
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f'device {device} requested but CUDA is not available here')
     if emulated_bfloat16(device, AUTOCAST_DTYPES[config.dtype]):
-        logger.warning('--dtype bfloat16 on a CPU without avx512_bf16 or amx_bf16: bfloat16 is '
-                       'emulated here and many times slower than --dtype float32')
+        logger.warning(EMULATED_BF16_WARNING)
     with torch_threads(config.threads), tempfile.TemporaryDirectory(prefix='rsd-bc-') as tmp:
         run, resume_from = prepare(config)
         try:
