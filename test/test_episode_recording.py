@@ -19,6 +19,7 @@ from test_bridge import (
     trajectory,
 )
 
+from sim_bridge.chunk_executor import EXECUTION_HORIZON
 from sim_bridge.episode_recorder import (
     EpisodeRecorder,
     message_definition,
@@ -228,7 +229,7 @@ def test_lockstep_episodes_are_recorded_as_ros2_mcap(task, contexts, tmp_path):
         assert len(images) == record['observations'] + record['republished_observations'] >= 2
         assert len(joints) == len(images)
         assert len(chunks) == record['executed_chunks'] + record['rejected_chunks'] + \
-            record['stale_chunks'] == 2
+            record['stale_chunks'] == 16 // EXECUTION_HORIZON
         assert json.loads(result.ros_msg.data) == record
         assert instruction.ros_msg.data == record['instruction'] == task.language
         assert metadata['result']['success'] == 'false'
@@ -251,7 +252,7 @@ def test_lockstep_episodes_are_recorded_as_ros2_mcap(task, contexts, tmp_path):
         assert {m.publish_time_ns for m in chunks} <= set(stamps)
         latencies = [(m.log_time_ns - m.publish_time_ns) * 1e-6 for m in chunks]
         assert latencies == pytest.approx(record['latencies_ms'], abs=2e-3)
-        assert [len(m.ros_msg.points) for m in chunks] == [8, 8]
+        assert [len(m.ros_msg.points) for m in chunks] == [8] * (16 // EXECUTION_HORIZON)
 
         # the episode in time: instruction first, result last, spanning its wall time
         everything = sorted(m.log_time_ns for ms in topics.values() for m in ms)
