@@ -61,6 +61,7 @@ from sim_bridge.chunk_executor import (
     ExecutorCounters,
     LockstepExecutor,
     RealtimeExecutor,
+    chunks_overlap,
 )
 from sim_bridge.chunk_inbox import ChunkInbox
 from sim_bridge.episode_link import EpisodeLink, Offer
@@ -181,8 +182,8 @@ class LiberoBridge(Node):
         if len(config['action_names']) != 7:
             problems.append(f"action_names {config['action_names']}: expected 7 names "
                             '(OSC_POSE deltas + gripper)')
-        if config['temporal_ensemble'] and (config['mode'] != 'lockstep'
-                                            or config['observation_interval'] == 0):
+        if config['temporal_ensemble'] and not chunks_overlap(config['mode'],
+                                                              config['observation_interval']):
             problems.append('temporal_ensemble needs mode lockstep and observation_interval > 0 '
                             '(chunks that overlap)')
         if problems:

@@ -27,6 +27,12 @@ GRIPPER_OPEN = -1.0
 EXECUTION_HORIZON = 4
 
 
+def chunks_overlap(mode: str, horizon: int) -> bool:
+    """Whether consecutive chunks cover the same steps, as a temporal ensemble needs: lockstep
+    with an execution horizon (0 = whole chunks never overlap; real time replaces chunks)."""
+    return mode == 'lockstep' and horizon > 0
+
+
 def hold_action(gripper: float = GRIPPER_OPEN, dim: int = 7) -> np.ndarray:
     """Zero-delta action keeping the gripper command (last dim). [dim] float32."""
     action = np.zeros(dim, dtype=np.float32)

@@ -30,7 +30,7 @@ import shlex
 import sys
 import time
 
-from sim_bridge.chunk_executor import EXECUTION_HORIZON
+from sim_bridge.chunk_executor import EXECUTION_HORIZON, chunks_overlap
 from sim_bridge.eval_arms import ArmRunner, Run, arm_names, deal_runs, run_arms
 from sim_bridge.eval_processes import (
     Child,
@@ -184,7 +184,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[int], list[list[Run]]]:
         raise ValueError('--draft and --no-draft contradict each other')
     if args.arms > 1 and args.policy == 'expert' and not args.policy_command:
         raise ValueError('--arms: the scripted expert serves one arm; use --policy rsd')
-    if args.temporal_ensemble and (args.realtime or execution_horizon(args) == 0):
+    mode = 'realtime' if args.realtime else 'lockstep'
+    if args.temporal_ensemble and not chunks_overlap(mode, execution_horizon(args)):
         raise ValueError('--temporal-ensemble needs lockstep and --execute > 0 (chunks that '
                          'overlap)')
     if not 0 <= args.batch_window <= 1:

@@ -4,8 +4,8 @@
 executes its first `observation_interval` points (all of them with 0), and observes again. No
 answer within the bridge's `chunk_timeout`: the same view is republished under a new stamp, and
 an answer to either is accepted. A rejected chunk makes the arm hold for one execution horizon
-(`LockstepExecutor`). Reproducible: the policy's
-speed costs no steps, so a late chunk costs only wall time.
+(`LockstepExecutor`). Reproducible: the policy's speed costs no steps, so a late chunk costs only
+wall time.
 
 No ROS and no LIBERO here: the bridge hands in its side as an `EpisodeLink` of callables.
 """
