@@ -5,13 +5,17 @@ state, recording at every control step the agent-view image and the robot state 
 step, and the action taken. Only successful episodes are kept; an episode ends at the first
 step where the task's goal holds, or fails at `--max-steps`.
 
-`--action-noise` (after DART, Laskey et al. 2017) executes the expert's chunks with a random
-offset per chunk on the hand's translation (and `--rotation-noise` on its rotation) but records
-the expert's own actions: the demos then visit states off the expert's path, as a cloned
-policy's small errors do. Only each chunk's first point is a true DART label (the expert's plan
-from the state seen); at point k the hand has drifted by k offsets that the recorded actions do
-not correct (the expert corrects in its next chunk). A policy fine-tuned on such demos alone
-collapsed (2/50 against 22/50 on libero_spatial initial states 0-4, 2026-12-03).
+`--action-noise` (after DART, Laskey et al. 2017) executes a fraction (`--noise-fraction`) of
+the expert's chunks with a random offset on the hand's translation (and `--rotation-noise` on
+its rotation), one draw per chunk, but records the expert's own actions: the demos then visit
+states off the expert's path, as a cloned policy's small errors do, and the chunk after a
+perturbed one is the expert's recovery, planned from where the offset left the hand. Inside a
+perturbed chunk only the first point is a true label (the expert's plan from the state seen);
+at point k the hand has drifted by k offsets that the recorded actions do not correct, so those
+steps are marked unlabelled (`labelled` 0) and training does not start samples there (they
+still serve as later actions of earlier samples' chunks, which is what the expert planned).
+Labelling every step of such chunks made a fine-tuned policy collapse (2/50 against 22/50 on
+libero_spatial initial states 0-4, 2026-12-03).
 
 One file per task, `<out>/<task_name>_demo.hdf5`, in LIBERO's dataset layout:
 
@@ -25,8 +29,13 @@ One file per task, `<out>/<task_name>_demo.hdf5`, in LIBERO's dataset layout:
     data/demo_<i>/obs/joint_states       [N, 7] arm joint positions, rad
     data/demo_<i>/states                 [N, S] flattened MuJoCo states (for replay)
     data/demo_<i>/rewards, dones         [N] uint8, 1 at the last step only
+    data/demo_<i>/labelled               [N] uint8, 1 where the action chunk starting at this
+                                         step is the expert's plan from this step's state
+                                         (0 inside perturbed chunks; absent = all 1)
     data/demo_<i> attrs                  num_samples, init_state (the MuJoCo state),
-                                         init_state_index, seed
+                                         init_state_index, seed, action_noise
+                                         ([translation, rotation, fraction]; 0s
+                                         for a clean demo)
     data attrs                           problem_info (JSON: problem_name, domain_name,
                                          language_instruction = the task language the bridge
                                          publishes), env_name, env_args (JSON), bddl_file_name,
@@ -73,11 +82,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='keep existing demos and skip their initial states')
     parser.add_argument('--action-noise', type=float, default=0.0,
                         help='std of a random offset added to the executed translation '
-                             'actions (dx, dy, dz), drawn once per chunk; the recorded actions '
-                             'stay as the expert chose them, so only chunk starts are corrective '
-                             'labels (default 0: none)')
+                             'actions (dx, dy, dz) of a perturbed chunk, drawn once per chunk; '
+                             'the recorded actions stay as the expert chose them and the '
+                             "perturbed chunk's later steps are marked unlabelled (default 0: "
+                             'none)')
     parser.add_argument('--rotation-noise', type=float, default=0.0,
                         help='the same for the rotation actions (droll, dpitch, dyaw)')
+    parser.add_argument('--noise-fraction', type=float, default=0.5,
+                        help='probability that a chunk is perturbed (with --action-noise or '
+                             '--rotation-noise; default 0.5: every other chunk on average is '
+                             'executed as planned and labelled throughout)')
 
 
 def check_args(args: argparse.Namespace) -> list[int]:
@@ -89,6 +103,8 @@ def check_args(args: argparse.Namespace) -> list[int]:
     if not 0.0 <= args.action_noise <= 1.0 or not 0.0 <= args.rotation_noise <= 1.0:
         raise ValueError(f'--action-noise and --rotation-noise must be in [0, 1] action units, '
                          f'got {args.action_noise} and {args.rotation_noise}')
+    if not 0.0 < args.noise_fraction <= 1.0:
+        raise ValueError(f'--noise-fraction must be in (0, 1], got {args.noise_fraction}')
     if args.init_states is not None and min(args.init_states) < 0:
         raise ValueError(f'--init-states must be >= 0, got {args.init_states}')
     count = num_tasks(args.suite)
@@ -102,14 +118,15 @@ def check_args(args: argparse.Namespace) -> list[int]:
 
 @dataclass(frozen=True)
 class ActionNoise:
-    """Offsets added to the executed arm actions, one draw per chunk (action units).
+    """Offsets added to the executed arm actions of perturbed chunks (action units).
 
     translation, rotation: std of the (dx, dy, dz) and (droll, dpitch, dyaw) offsets; the
-    gripper is never perturbed. seed: of the draws, with the initial state (reproducible per
-    episode, whatever else ran before).
+    gripper is never perturbed. fraction: probability that a chunk is perturbed. seed: of the
+    draws, with the initial state (reproducible per episode, whatever else ran before).
     """
     translation: float = 0.0
     rotation: float = 0.0
+    fraction: float = 1.0
     seed: int = 0
 
     def generator(self, init_state: int) -> np.random.Generator:
@@ -117,9 +134,11 @@ class ActionNoise:
         return np.random.default_rng([self.seed, init_state])
 
     def offset(self, rng: np.random.Generator) -> np.ndarray:
-        """One chunk's offset [7] (gripper 0; all 0 without noise)."""
+        """One chunk's offset [7]: all 0 for a chunk executed as planned (without noise,
+        always), else normal with the stds (gripper 0). Two draws per call either way."""
+        perturbed = rng.random() < self.fraction
         std = np.array([self.translation] * 3 + [self.rotation] * 3 + [0.0])
-        return rng.normal(size=7) * std
+        return rng.normal(size=7) * std * perturbed
 
 
 @dataclass
@@ -134,6 +153,7 @@ class Episode:
     joints: list[np.ndarray] = field(default_factory=list)
     states: list[np.ndarray] = field(default_factory=list)
     actions: list[np.ndarray] = field(default_factory=list)
+    labelled: list[bool] = field(default_factory=list)   # the action chunk from here is a plan
     wall_time: float = 0.0
 
     @property
@@ -160,8 +180,9 @@ def rollout(task: LiberoTask, expert: SpatialExpert, init_state: int, max_steps:
     record: keep the per-step observations (False: just run, for evaluation).
     images: render the camera into the record (False: robot state and actions only, ~10x
     faster; enough to fit an action tokenizer).
-    noise: executes each chunk with an offset (`ActionNoise`); the record keeps the expert's
-    actions.
+    noise: executes some chunks with an offset (`ActionNoise`); the record keeps the expert's
+    actions and marks the perturbed chunks' later steps unlabelled; the expert is told
+    (`disturbed`) so that it does not learn the offset as drift.
     """
     started = time.perf_counter()
     task.reset(init_state)
@@ -174,7 +195,8 @@ def rollout(task: LiberoTask, expert: SpatialExpert, init_state: int, max_steps:
         robot = task.robot_state()
         chunk = expert.act(SceneState.from_poses(robot, task.object_poses()))  # [T, 7]
         offset = noise.offset(rng)                                           # [7]
-        for action in chunk:
+        perturbed = bool(offset.any())
+        for k, action in enumerate(chunk):
             if record:
                 robot = task.robot_state()
                 if images:
@@ -185,11 +207,14 @@ def rollout(task: LiberoTask, expert: SpatialExpert, init_state: int, max_steps:
                 episode.joints.append(robot.joint_pos)
                 episode.states.append(np.array(sim.get_state().flatten()))
             episode.actions.append(action)
+            episode.labelled.append(k == 0 or not perturbed)
             if task.step(np.clip(action + offset, -1.0, 1.0)).success:
                 episode.success = True
                 break
             if task.steps >= max_steps:
                 break
+        if perturbed:
+            expert.disturbed()
     episode.wall_time = time.perf_counter() - started
     return episode
 
@@ -272,11 +297,13 @@ def write_demo(hdf5, episode: Episode, init_state: np.ndarray, seed: int,
     marks[-1] = 1
     group.create_dataset('rewards', data=marks)
     group.create_dataset('dones', data=marks)
+    group.create_dataset('labelled', data=np.array(episode.labelled, dtype=np.uint8))
     group.attrs['init_state'] = init_state
     group.attrs['init_state_index'] = episode.init_state
     group.attrs['seed'] = seed
     noise = noise or ActionNoise()
-    group.attrs['action_noise'] = [noise.translation, noise.rotation]
+    fraction = noise.fraction if noise.translation or noise.rotation else 0.0
+    group.attrs['action_noise'] = [noise.translation, noise.rotation, fraction]
     group.attrs['num_samples'] = episode.steps     # last: marks the demo complete
     data.attrs['num_demos'] = len(data)
     data.attrs['total'] = int(sum(data[name].attrs['num_samples'] for name in data))
@@ -365,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
         logger.error('%s', exc)
         return 2
     summaries = []
-    noise = ActionNoise(args.action_noise, args.rotation_noise, args.seed)
+    noise = ActionNoise(args.action_noise, args.rotation_noise, args.noise_fraction, args.seed)
     with tqdm(total=None if args.init_states is None else len(tasks) * len(args.init_states),
               desc='episodes', unit='ep') as progress:
         for task_id in tasks:

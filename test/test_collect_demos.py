@@ -53,7 +53,7 @@ def test_a_successful_episode_in_libero_layout_and_resume(libero_task, tmp_path)
         n = demo['actions'].shape[0]
         assert 40 < n <= libero_task.horizon
         assert demo.attrs['num_samples'] == n and demo.attrs['init_state_index'] == 0
-        assert list(demo.attrs['action_noise']) == [0.0, 0.0]
+        assert list(demo.attrs['action_noise']) == [0.0, 0.0, 0.0]
         assert data.attrs['num_demos'] == 1 and data.attrs['total'] == n
         obs = demo['obs']
         shapes = {key: obs[key].shape for key in obs}
@@ -105,20 +105,47 @@ def test_action_noise_offsets_are_per_chunk_reproducible_and_spare_the_gripper()
     assert np.all(offsets[:, 6] == 0.0)
     assert np.allclose(offsets[:, :6].std(axis=0), [0.1] * 3 + [0.03] * 3, rtol=0.08)
     assert not collect_demos.ActionNoise().offset(rng).any()
+    half = collect_demos.ActionNoise(translation=0.1, fraction=0.5, seed=0)
+    rng = half.generator(3)
+    perturbed = np.stack([half.offset(rng) for _ in range(2000)]).any(axis=1)   # [N]
+    assert 0.45 < perturbed.mean() < 0.55
 
 
 def test_action_noise_moves_the_hand_but_records_the_experts_actions(libero_task):
     """The first chunk is decided on the same initial state, so its recorded actions are the
-    clean run's; executing them with an offset puts the hand elsewhere by the next chunk."""
+    clean run's; executing them with an offset puts the hand elsewhere by the next chunk. Only
+    a perturbed chunk's first step is labelled, and the expert does not learn the offset as
+    drift: its next chunk is planned as a fresh expert's from the same state."""
     goal = resolve_goal(libero_task.language)
     rollout = collect_demos.rollout
     clean = rollout(libero_task, SpatialExpert(goal), 0, max_steps=24, images=False)
-    noisy = rollout(libero_task, SpatialExpert(goal), 0, max_steps=24, images=False,
+    expert = SpatialExpert(goal)
+    noisy = rollout(libero_task, expert, 0, max_steps=16, images=False,
                     noise=collect_demos.ActionNoise(translation=0.3, seed=0))
     assert np.array_equal(np.stack(noisy.actions[:8]), np.stack(clean.actions[:8]))
-    moved = np.abs(np.stack(noisy.ee_pos[8:]) - np.stack(clean.ee_pos[8:])).max()
+    moved = np.abs(np.stack(noisy.ee_pos[8:]) - np.stack(clean.ee_pos[8:16])).max()
     assert moved > 0.005, f'hand {moved * 1000:.1f} mm from the clean run'
     assert np.abs(np.stack(noisy.actions)).max() <= 1.0
+    assert clean.labelled == [True] * 24
+    assert noisy.labelled == ([True] + [False] * 7) * 2
+    assert expert._predicted is None      # both chunks perturbed: no drift learnt from them
+    assert not expert._drift.any()
+
+
+def test_half_of_the_chunks_perturbed_are_written_as_labels(libero_task, tmp_path):
+    noise = collect_demos.ActionNoise(translation=0.1, rotation=0.03, fraction=0.5, seed=0)
+    summary = collect_task(libero_task, [1], tmp_path, max_steps=0, resume=False, seed=0,
+                           images=False, noise=noise)
+    assert summary.kept == 1
+    with h5py.File(demo_path(tmp_path, libero_task)) as hdf5:
+        demo = hdf5['data/demo_0']
+        marks = demo['labelled'][()]
+        assert marks.shape == demo['actions'].shape[:1] and marks.dtype == np.uint8
+        assert list(demo.attrs['action_noise']) == pytest.approx([0.1, 0.03, 0.5])
+    chunks = marks[:len(marks) // 8 * 8].reshape(-1, 8)             # [chunks, 8]
+    assert chunks[:, 0].all()
+    assert set(chunks[:, 1:].min(axis=1)) == {0, 1}                 # some perturbed, some not
+    assert (chunks[:, 1:] == chunks[:, 1:2]).all()                  # a chunk is one or the other
 
 
 def test_bad_arguments_are_refused(tmp_path):
@@ -130,6 +157,9 @@ def test_bad_arguments_are_refused(tmp_path):
     assert collect_demos.run(args) == 2
     args = parser.parse_args(['--out', str(tmp_path), '--action-noise', '-0.1'])
     with pytest.raises(ValueError, match='action-noise'):
+        collect_demos.check_args(args)
+    args = parser.parse_args(['--out', str(tmp_path), '--noise-fraction', '0'])
+    with pytest.raises(ValueError, match='noise-fraction'):
         collect_demos.check_args(args)
     args = parser.parse_args(['--out', str(tmp_path), '--camera-size', '4'])
     with pytest.raises(ValueError, match='camera-size'):

@@ -22,7 +22,9 @@ from rsd_core.checkpoint import file_sha256, load_tensors
 from rsd_core.cpu_features import cpu_flags, emulated_bfloat16
 from rsd_core.engine import RSDEngine
 from rsd_core.main_model import MainModel
+from rsd_core.tokenizer import ActionTokenizer
 from rsd_core.training.augmentation import augment_images
+from rsd_core.training.demo_dataset import DemoData
 from rsd_core.training.demos import PROPRIO_NAMES, episode_chunks, read_episodes, split_episodes
 from rsd_core.training.frames import FrameReader
 from rsd_core.training.policy import train_policy
@@ -145,6 +147,32 @@ def test_chunks_pad_with_the_last_action():
     assert chunks[0, :, 0].tolist() == list(range(8))
     assert chunks[7, :, 0].tolist() == [7, 8, 9, 9, 9, 9, 9, 9]
     assert chunks[9, :, 0].tolist() == [9] * 8
+
+
+def test_samples_start_only_at_labelled_steps(demos, tiny_bundle, tmp_path):
+    """A DART demo's steps inside a perturbed chunk start no sample, but their actions are
+    still the later points of earlier samples' chunks."""
+    path = write_demo_file(tmp_path / 'dart.hdf5', LONG_TASK, ['red', 'green'])
+    marks = np.ones(LENGTH, np.uint8)
+    marks[9:16] = 0                                   # chunk 8..15 perturbed after its start
+    with h5py.File(path, 'a') as stream:
+        stream['data/demo_1'].create_dataset('labelled', data=marks)
+    episodes = read_episodes([path])
+    assert episodes[0].labelled is None
+    assert episodes[1].labelled.tolist() == marks.astype(bool).tolist()
+    model = MainModel.from_dir(tiny_bundle)
+    tokenizer = ActionTokenizer.load(tiny_bundle / 'action_tokenizer')
+    frames = FrameReader(episodes, model.processor.image_size)
+    try:
+        data = DemoData(episodes, model, tokenizer, frames)
+    finally:
+        frames.close()
+    assert len(data) == 2 * LENGTH - 7
+    assert data.t[data.episode == 1].tolist() == [t for t in range(LENGTH) if marks[t]]
+    start = np.flatnonzero((data.episode == 1) & (data.t == 8))[0]
+    assert np.array_equal(data.chunks[start], episodes[1].actions[8:16])
+    before = np.flatnonzero((data.episode == 1) & (data.t == 5))[0]
+    assert np.array_equal(data.chunks[before], episodes[1].actions[5:13])
 
 
 def test_held_out_split_is_by_episode_and_per_task(demos):
@@ -371,6 +399,10 @@ def broken(path: Path, edit) -> Path:
      r'actions has shape \[10, 6\], expected \[N >= 1, 7\]'),
     (lambda f: f['data/demo_1/actions'].__setitem__((3, 2), np.nan), 'NaN or Inf'),
     (lambda f: [f['data'].__delitem__(k) for k in list(f['data'])], 'no data/demo_<i> groups'),
+    (lambda f: f['data/demo_0'].create_dataset('labelled', data=np.ones(9, np.uint8)),
+     r'labelled has shape \[9\], expected \[10\]'),
+    (lambda f: f['data/demo_0'].create_dataset('labelled', data=np.zeros(10, np.uint8)),
+     'labelled is 0 at step 0'),
 ])
 def test_malformed_demo_files_give_clear_errors(tmp_path, edit, message):
     path = broken(tmp_path / 'demo.hdf5', edit)

@@ -16,7 +16,8 @@ from rsd_core.training.frames import FrameReader
 
 
 class DemoData:
-    """Samples (episode, t) with their target codes, batched by prompt length.
+    """Samples (episode, t) at an episode's labelled steps (all steps when it has no marks),
+    with their target codes, batched by prompt length.
 
     codes: [n, L, C] uint8, the tokenizer's codes of every sample's action chunk, encoded once
     in fixed batches (late layers are at float rounding level and would flicker otherwise).
@@ -27,10 +28,12 @@ class DemoData:
         self.episodes, self.frames, self.processor = episodes, frames, model.processor
         self.chunk_len = tokenizer.config.chunk_len
         lengths = [e.length for e in episodes]
-        self.episode = np.repeat(np.arange(len(episodes)), lengths)  # [n]
-        self.t = np.concatenate([np.arange(n) for n in lengths])  # [n]
+        keep = np.concatenate([np.ones(e.length, bool) if e.labelled is None else e.labelled
+                               for e in episodes])  # [steps] bool: a sample may start here
+        self.episode = np.repeat(np.arange(len(episodes)), lengths)[keep]  # [n]
+        self.t = np.concatenate([np.arange(n) for n in lengths])[keep]  # [n]
         chunks = np.concatenate([episode_chunks(e.actions, self.chunk_len) for e in episodes])
-        self.chunks = chunks  # [n, T, A] float32, action units
+        self.chunks = chunks[keep]  # [n, T, A] float32, action units
         self.codes = encode_chunks(tokenizer, chunks)  # [n, L, C] uint8
         prompt_len = {text: int(self.processor.encode_text([text]).shape[1])
                       for text in {e.instruction for e in episodes}}

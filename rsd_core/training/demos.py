@@ -107,6 +107,7 @@ class Episode:
     instruction: str
     actions: np.ndarray                 # [N, A] float32, action units
     proprio: np.ndarray | None = None   # [N, P] float32, PROPRIO_DATASETS concatenated
+    labelled: np.ndarray | None = None  # [N] bool, where a sample may start (None: everywhere)
 
     @property
     def length(self) -> int:
@@ -168,7 +169,25 @@ def _read_episode(path: Path, group: h5py.Group, name: str, instruction: str,
     if frames.shape[0] != len(actions):
         raise ValueError(f'{where}: {frames.shape[0]} frames but {len(actions)} actions')
     state = _read_state(where, group, len(actions)) if proprio else None
-    return Episode(path, name, instruction, actions, state)
+    return Episode(path, name, instruction, actions, state, _read_labelled(where, group,
+                                                                            len(actions)))
+
+
+def _read_labelled(where: str, group: h5py.Group, length: int) -> np.ndarray | None:
+    """The demo's `labelled` marks [N] bool (`rsd collect-demos --action-noise`: 0 inside a
+    perturbed chunk, where the recorded chunk is not the expert's plan from that state), or
+    None when the demo has none (every step labelled, as in LIBERO's own files)."""
+    marks = group.get('labelled')
+    if marks is None:
+        return None
+    if not isinstance(marks, h5py.Dataset) or marks.shape != (length,):
+        raise ValueError(f'{where}/labelled has shape '
+                         f'{list(getattr(marks, "shape", []))}, expected [{length}]')
+    labelled = np.asarray(marks).astype(bool)
+    if not labelled[0]:
+        raise ValueError(f"{where}/labelled is 0 at step 0 (a chunk's first step is always "
+                         "the expert's plan)")
+    return labelled
 
 
 def _read_state(where: str, group: h5py.Group, length: int) -> np.ndarray:

@@ -113,6 +113,12 @@ class SpatialExpert:
         self._predicted = model.position
         return np.clip(np.stack(rows), -1.0, 1.0).astype(np.float32)  # [T, 7]
 
+    def disturbed(self) -> None:
+        """The last chunk was executed with an offset this expert did not plan (DART
+        demonstrations): the next `act` does not fold that miss into its drift, which models
+        the hand's own bias."""
+        self._predicted = None
+
     # ------------------------------------------------------------ phase bookkeeping
 
     def _enter(self, phase: Phase) -> None:
