@@ -24,7 +24,7 @@ from rsd_core.engine import RSDEngine
 from rsd_core.main_model import MainModel
 from rsd_core.tokenizer import ActionTokenizer
 from rsd_core.training.augmentation import augment_images
-from rsd_core.training.demo_dataset import DemoData
+from rsd_core.training.demo_dataset import DemoData, encode_chunks
 from rsd_core.training.demos import PROPRIO_NAMES, episode_chunks, read_episodes, split_episodes
 from rsd_core.training.frames import FrameReader
 from rsd_core.training.policy import train_policy
@@ -173,6 +173,10 @@ def test_samples_start_only_at_labelled_steps(demos, tiny_bundle, tmp_path):
     assert np.array_equal(data.chunks[start], episodes[1].actions[8:16])
     before = np.flatnonzero((data.episode == 1) & (data.t == 5))[0]
     assert np.array_equal(data.chunks[before], episodes[1].actions[5:13])
+    assert data.codes.shape[0] == len(data)
+    for i in (before, start, len(data) - 1):   # each sample's own targets (the coarse layers:
+        alone = encode_chunks(tokenizer, data.chunks[i:i + 1])[0]   # fine ones are at rounding)
+        assert np.array_equal(data.codes[i, :2], alone[:2])
 
 
 def test_held_out_split_is_by_episode_and_per_task(demos):

@@ -34,7 +34,7 @@ class DemoData:
         self.t = np.concatenate([np.arange(n) for n in lengths])[keep]  # [n]
         chunks = np.concatenate([episode_chunks(e.actions, self.chunk_len) for e in episodes])
         self.chunks = chunks[keep]  # [n, T, A] float32, action units
-        self.codes = encode_chunks(tokenizer, chunks)  # [n, L, C] uint8
+        self.codes = encode_chunks(tokenizer, self.chunks)  # [n, L, C] uint8
         prompt_len = {text: int(self.processor.encode_text([text]).shape[1])
                       for text in {e.instruction for e in episodes}}
         self.prompt_len = np.array([prompt_len[episodes[i].instruction] for i in self.episode])
