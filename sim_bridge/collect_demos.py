@@ -14,8 +14,8 @@ perturbed chunk only the first point is a true label (the expert's plan from the
 at point k the hand has drifted by k offsets that the recorded actions do not correct, so those
 steps are marked unlabelled (`labelled` 0) and training does not start samples there (they
 still serve as later actions of earlier samples' chunks, which is what the expert planned).
-Labelling every step of such chunks made a fine-tuned policy collapse (2/50 against 22/50 on
-libero_spatial initial states 0-4, 2026-12-03).
+A policy fine-tuned on the first version of these demos (every chunk perturbed, every step
+labelled) collapsed (2/50 against 22/50 on libero_spatial initial states 0-4, 2026-12-03).
 
 One file per task, `<out>/<task_name>_demo.hdf5`, in LIBERO's dataset layout:
 
@@ -121,8 +121,9 @@ class ActionNoise:
     """Offsets added to the executed arm actions of perturbed chunks (action units).
 
     translation, rotation: std of the (dx, dy, dz) and (droll, dpitch, dyaw) offsets; the
-    gripper is never perturbed. fraction: probability that a chunk is perturbed. seed: of the
-    draws, with the initial state (reproducible per episode, whatever else ran before).
+    gripper is never perturbed. fraction: probability that a chunk is perturbed (1: every
+    chunk; the CLI's default is 0.5). seed: of the draws, with the initial state
+    (reproducible per episode, whatever else ran before).
     """
     translation: float = 0.0
     rotation: float = 0.0
@@ -135,7 +136,8 @@ class ActionNoise:
 
     def offset(self, rng: np.random.Generator) -> np.ndarray:
         """One chunk's offset [7]: all 0 for a chunk executed as planned (without noise,
-        always), else normal with the stds (gripper 0). Two draws per call either way."""
+        always), else normal with the stds (gripper 0). One uniform and seven normal draws
+        per call either way, so an episode's later chunks do not depend on earlier outcomes."""
         perturbed = rng.random() < self.fraction
         std = np.array([self.translation] * 3 + [self.rotation] * 3 + [0.0])
         return rng.normal(size=7) * std * perturbed

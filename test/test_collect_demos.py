@@ -115,7 +115,7 @@ def test_action_noise_moves_the_hand_but_records_the_experts_actions(libero_task
     """The first chunk is decided on the same initial state, so its recorded actions are the
     clean run's; executing them with an offset puts the hand elsewhere by the next chunk. Only
     a perturbed chunk's first step is labelled, and the expert does not learn the offset as
-    drift: its next chunk is planned as a fresh expert's from the same state."""
+    drift."""
     goal = resolve_goal(libero_task.language)
     rollout = collect_demos.rollout
     clean = rollout(libero_task, SpatialExpert(goal), 0, max_steps=24, images=False)

@@ -407,6 +407,8 @@ def broken(path: Path, edit) -> Path:
      r'labelled has shape \[9\], expected \[10\]'),
     (lambda f: f['data/demo_0'].create_dataset('labelled', data=np.zeros(10, np.uint8)),
      'labelled is 0 at step 0'),
+    (lambda f: f['data/demo_1'].attrs.__setitem__('action_noise', [0.1, 0.03]),
+     'collected with action noise but has no "labelled" marks'),
 ])
 def test_malformed_demo_files_give_clear_errors(tmp_path, edit, message):
     path = broken(tmp_path / 'demo.hdf5', edit)

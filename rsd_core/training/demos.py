@@ -176,9 +176,15 @@ def _read_episode(path: Path, group: h5py.Group, name: str, instruction: str,
 def _read_labelled(where: str, group: h5py.Group, length: int) -> np.ndarray | None:
     """The demo's `labelled` marks [N] bool (`rsd collect-demos --action-noise`: 0 inside a
     perturbed chunk, where the recorded chunk is not the expert's plan from that state), or
-    None when the demo has none (every step labelled, as in LIBERO's own files)."""
+    None when the demo has none (every step labelled, as in LIBERO's own files). A demo
+    collected with action noise but without marks (collect-demos before 2026-12-04) is refused:
+    its perturbed chunks' inner steps are not labels."""
     marks = group.get('labelled')
     if marks is None:
+        if np.any(group.attrs.get('action_noise', 0.0)):
+            raise ValueError(f'{where} was collected with action noise but has no "labelled" '
+                             'marks (rsd collect-demos before 2026-12-04): the steps inside its '
+                             "perturbed chunks are not the expert's plans; collect it again")
         return None
     if not isinstance(marks, h5py.Dataset) or marks.shape != (length,):
         raise ValueError(f'{where}/labelled has shape '

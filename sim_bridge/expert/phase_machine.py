@@ -116,7 +116,8 @@ class SpatialExpert:
     def disturbed(self) -> None:
         """The last chunk was executed with an offset this expert did not plan (DART
         demonstrations): the next `act` does not fold that miss into its drift, which models
-        the hand's own bias."""
+        the hand's own bias. The hand velocity and spin carried into the next chunk's model
+        stay the planned ones (the offset's share of them decays within a few steps)."""
         self._predicted = None
 
     # ------------------------------------------------------------ phase bookkeeping
