@@ -118,12 +118,17 @@ def test_planner_stops_betting_on_a_draft_that_is_never_accepted(main_only64):
 def test_planner_bets_everything_on_a_draft_the_main_always_accepts(main_only64):
     oracle = OracleDraft(main_only64.main.hidden_size, 3).double()
     engine = engine_with(main_only64, oracle)
-    chosen = []
+    chosen, proposed = [], []
     for image, instruction in INPUTS * 2:
         oracle.codes = main_only64.decode_tokens(image, instruction)[0]
-        chosen.append(engine.predict(image, instruction)[1].layers_accepted)
+        stats = engine.predict(image, instruction)[1]
+        chosen.append(stats.layers_accepted)
+        proposed.append(stats.layers_proposed)
     costs = engine.planner.costs
-    assert engine.planner.acceptance('exact', 1) > 0.9     # depth 3 is tested when k = 3 pays
+    # The oracle is never wrong; how often the planner bets depends on the measured costs (the
+    # first chunk always probes), so the acceptance estimate's confidence does too.
+    assert chosen == proposed and proposed[0] > 0
+    assert engine.planner.acceptance('exact', 1) >= 0.75
     # Accepting all three saves three steps for one draft pass and three more positions.
     if costs.draft + 3 * costs.per_position < 3 * costs.step * 0.9:
         assert chosen[-4:] == [3] * 4
