@@ -31,7 +31,8 @@ One file per task, `<out>/<task_name>_demo.hdf5`, in LIBERO's dataset layout:
     data/demo_<i>/rewards, dones         [N] uint8, 1 at the last step only
     data/demo_<i>/labelled               [N] uint8, 1 where the action chunk starting at this
                                          step is the expert's plan from this step's state
-                                         (0 inside perturbed chunks; absent = all 1)
+                                         (0 at a perturbed chunk's later steps;
+                                         absent = all 1)
     data/demo_<i> attrs                  num_samples, init_state (the MuJoCo state),
                                          init_state_index, seed, action_noise
                                          ([translation, rotation, fraction]; 0s

@@ -128,7 +128,6 @@ def test_planner_bets_everything_on_a_draft_the_main_always_accepts(main_only64)
     # The oracle is never wrong; how often the planner bets depends on the measured costs (the
     # first chunk always probes), so the acceptance estimate's confidence does too.
     assert chosen == proposed and proposed[0] > 0
-    assert engine.planner.acceptance('exact', 1) >= 0.75
     # Accepting all three saves three steps for one draft pass and three more positions.
     if costs.draft + 3 * costs.per_position < 3 * costs.step * 0.9:
         assert chosen[-4:] == [3] * 4
