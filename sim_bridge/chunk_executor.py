@@ -25,6 +25,8 @@ GRIPPER_OPEN = -1.0
 # bridge's `observation_interval`, `rsd eval-libero --execute`); chosen on the trained default's
 # 8-point chunks by the README's execution-horizon table.
 EXECUTION_HORIZON = 4
+# No previous chunk's rest to blend with: [0, 0].
+NOTHING_SUPERSEDED = np.zeros((0, 0), dtype=np.float32)
 
 
 def chunks_overlap(mode: str, horizon: int) -> bool:
@@ -174,7 +176,7 @@ class LockstepExecutor:
         self.gripper = GRIPPER_OPEN
         self._awaited: set[int] = set()
         self._plan: list[tuple[np.ndarray, bool]] = []   # (action [A], is_hold)
-        self._superseded = np.zeros((0, 0), dtype=np.float32)  # [S, A] previous chunk's rest
+        self._superseded = NOTHING_SUPERSEDED  # [S, A] previous chunk's rest
 
     def expect(self, stamp_ns: int, new_observation: bool = True) -> None:
         """Await an answer to the observation stamped `stamp_ns` (ns); a new
@@ -202,7 +204,7 @@ class LockstepExecutor:
             count = self.horizon or self.validator.chunk_len or 1
             hold = hold_action(self.gripper, len(self.validator.action_names))
             self._plan = [(hold, True)] * count
-            self._superseded = self._superseded[:0]
+            self._superseded = NOTHING_SUPERSEDED
             raise
         self.counters.executed_chunks += 1
         self.counters.latencies.append(chunk.latency)
