@@ -143,6 +143,12 @@ class ActionNoise:
         std = np.array([self.translation] * 3 + [self.rotation] * 3 + [0.0])
         return rng.normal(size=7) * std * perturbed
 
+    def record(self) -> list[float]:
+        """The demo attribute 'action_noise': [translation, rotation, fraction], the fraction
+        0 when nothing is perturbed (so a clean demo reads [0, 0, 0])."""
+        fraction = self.fraction if self.translation or self.rotation else 0.0
+        return [self.translation, self.rotation, fraction]
+
 
 @dataclass
 class Episode:
@@ -304,9 +310,7 @@ def write_demo(hdf5, episode: Episode, init_state: np.ndarray, seed: int,
     group.attrs['init_state'] = init_state
     group.attrs['init_state_index'] = episode.init_state
     group.attrs['seed'] = seed
-    noise = noise or ActionNoise()
-    fraction = noise.fraction if noise.translation or noise.rotation else 0.0
-    group.attrs['action_noise'] = [noise.translation, noise.rotation, fraction]
+    group.attrs['action_noise'] = (noise or ActionNoise()).record()
     group.attrs['num_samples'] = episode.steps     # last: marks the demo complete
     data.attrs['num_demos'] = len(data)
     data.attrs['total'] = int(sum(data[name].attrs['num_samples'] for name in data))
