@@ -329,7 +329,10 @@ def test_a_30_hz_camera_faster_than_inference_drops_frames_not_memory(
     camera.spin_until(lambda: False, timeout=1.0)               # let stragglers arrive
 
     records = camera.stats[1:]
-    assert records[-1]['dropped'] > 50, 'a slow policy under a 30 Hz camera must drop frames'
+    # Every frame the policy did not answer while the camera ran was dropped, none queued (how
+    # many that is depends on this machine's inference time, so no fixed count).
+    assert records[-1]['dropped'] > 0, 'a slow policy under a 30 Hz camera must drop frames'
+    assert records[-1]['dropped'] >= len(sent) - chunks_when_camera_stopped - 2
     # The mailbox holds one frame: every image received is a chunk, dropped, stale, refused,
     # failed, or the one still waiting (at most 1) -- at every chunk.
     for r in records:
